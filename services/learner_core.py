@@ -1,0 +1,446 @@
+"""Torch-only learner: PPO/GRPO policy updates of a Hugging Face causal LM.
+
+``LearnerCore`` owns the policy, an optional frozen reference copy, AdamW and the LR schedule.
+It knows nothing about Ray; an actor wraps one instance per rank.
+
+Data parallelism: with ``world_size > 1`` the caller has already initialised
+``torch.distributed`` and gives every rank its share of the batch, cut with :func:`shard_batch`.
+The model is wrapped in ``DistributedDataParallel`` and each rank scales its loss so that the
+averaged gradient equals the gradient of the loss over the whole global mini-batch, making N
+ranks take the same optimizer steps as one rank with the whole batch (see ``_train_mini_batch``).
+
+Checkpoints hold only safetensors and JSON: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoModelForCausalLM
+
+from harpo_core.losses import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    masked_entropy_from_logits,
+    policy_loss,
+    token_logprobs,
+)
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages")
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+# Token-weighted statistics reported by policy_loss (plus entropy, added by the learner).
+TOKEN_STATS = ("clip_frac", "approx_kl", "ratio_mean", "entropy", "kl")
+
+
+def shard_batch(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict:
+    """Rows ``rank, rank + world_size, ...`` of every tensor in ``batch``.
+
+    Striding (rather than contiguous halves) puts an equal share of every global mini-batch on
+    every rank: local mini-batch ``j`` of each rank holds exactly the rows of global mini-batch
+    ``j``, provided ``mini_batch_size`` and the batch size are multiples of ``world_size``.
+    """
+    return {key: value[rank::world_size] for key, value in batch.items()}
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
+    """Multiplier of the base LR for optimizer step ``step`` (0-based).
+
+    Linear warm-up from ``1/warmup_steps`` to 1 over ``warmup_steps`` steps, then constant, or
+    cosine / linear decay reaching 0 at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_optimizer_state(optimizer, scheduler, directory: str | Path) -> None:
+    """Write AdamW + LambdaLR state as ``optimizer.safetensors`` and ``optimizer.json``.
+
+    Per-parameter tensors (``exp_avg``, ``exp_avg_sq``, ``step``) go to safetensors under
+    ``"<param index>.<name>"``; hyper-parameters and the scheduler counters go to JSON.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = optimizer.state_dict()
+    tensors, other = {}, {}
+    for index, param_state in state["state"].items():
+        for name, value in param_state.items():
+            key = f"{index}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                other[key] = value
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    meta = {
+        "param_groups": state["param_groups"],
+        "non_tensor_state": other,
+        "scheduler": scheduler_state,
+    }
+    save_file(tensors, str(directory / OPTIMIZER_TENSORS))
+    (directory / OPTIMIZER_META).write_text(json.dumps(meta, indent=2))
+
+
+def load_optimizer_state(optimizer, scheduler, directory: str | Path) -> None:
+    """Restore what :func:`save_optimizer_state` wrote into an identically built optimizer."""
+    directory = Path(directory)
+    meta = json.loads((directory / OPTIMIZER_META).read_text())
+    entries = {**load_file(str(directory / OPTIMIZER_TENSORS)), **meta["non_tensor_state"]}
+    state: dict[int, dict] = {}
+    for key, value in entries.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    param_groups = meta["param_groups"]
+    for group in param_groups:
+        group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    no_lambdas = [None] * len(scheduler.lr_lambdas)  # our schedule is a stateless function
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": no_lambdas})
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_args(*, lr, weight_decay, betas, max_grad_norm, warmup_steps, total_steps,
+                   lr_schedule, mini_batch_size, micro_batch_size, ppo_epochs, clip_low,
+                   clip_high, aggregation, kl_coef, kl_estimator, use_reference, rank,
+                   world_size):
+    """Raise ValueError naming the first bad argument, its value and what is allowed."""
+    def positive_int(x):
+        return _is_int(x) and x >= 1
+
+    _check(lr > 0, "lr", lr, "> 0")
+    _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
+    _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "betas", betas, "2 values in [0, 1)")
+    _check(max_grad_norm > 0, "max_grad_norm", max_grad_norm, "> 0")
+    _check(_is_int(warmup_steps) and warmup_steps >= 0, "warmup_steps", warmup_steps, "an int >= 0")
+    _check(lr_schedule in LR_SCHEDULES, "lr_schedule", lr_schedule, f"one of {LR_SCHEDULES}")
+    if lr_schedule == "constant":
+        ok, allowed = total_steps is None or positive_int(total_steps), "None or an int >= 1"
+    else:
+        ok = positive_int(total_steps) and total_steps > warmup_steps
+        allowed = f"an int > warmup_steps={warmup_steps} for lr_schedule={lr_schedule!r}"
+    _check(ok, "total_steps", total_steps, allowed)
+    _check(positive_int(world_size), "world_size", world_size, "an int >= 1")
+    _check(_is_int(rank) and 0 <= rank < world_size, "rank", rank, f"in [0, {world_size})")
+    _check(
+        positive_int(mini_batch_size) and mini_batch_size % world_size == 0,
+        "mini_batch_size", mini_batch_size, f"a positive multiple of world_size={world_size}",
+    )
+    _check(
+        micro_batch_size is None or positive_int(micro_batch_size),
+        "micro_batch_size", micro_batch_size, "None or an int >= 1",
+    )
+    _check(positive_int(ppo_epochs), "ppo_epochs", ppo_epochs, "an int >= 1")
+    _check(0 <= clip_low < 1, "clip_low", clip_low, "in [0, 1)")
+    _check(clip_high >= 0, "clip_high", clip_high, ">= 0")
+    _check(aggregation in AGGREGATIONS, "aggregation", aggregation, f"one of {AGGREGATIONS}")
+    _check(kl_coef >= 0, "kl_coef", kl_coef, ">= 0")
+    _check(kl_estimator in KL_ESTIMATORS, "kl_estimator", kl_estimator, f"one of {KL_ESTIMATORS}")
+    _check(
+        kl_coef == 0 or use_reference,
+        "kl_coef", kl_coef, "0 unless use_reference=True (the KL term needs a reference model)",
+    )
+    if world_size > 1:
+        ready = dist.is_available() and dist.is_initialized()
+        _check(
+            ready and dist.get_world_size() == world_size and dist.get_rank() == rank,
+            "world_size", world_size,
+            "an initialised torch.distributed process group of that size, with this rank",
+        )
+
+
+class LearnerCore:
+    """Policy + optimizer for clipped policy-gradient updates on one rank.
+
+    ``mini_batch_size`` counts sequences per optimizer step over all ranks together;
+    ``micro_batch_size`` (per rank, default: the whole local mini-batch) only bounds memory
+    through gradient accumulation and does not change the result. Dropout stays off (the
+    model is kept in eval mode) so that on-policy ratios are exactly 1.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        mini_batch_size: int,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: float = 1.0,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        lr_schedule: str = "constant",
+        micro_batch_size: int | None = None,
+        ppo_epochs: int = 1,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        aggregation: str = "seq-mean-token-mean",
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        use_reference: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str = "cpu",
+    ):
+        _validate_args(
+            lr=lr, weight_decay=weight_decay, betas=betas, max_grad_norm=max_grad_norm,
+            warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule,
+            mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size,
+            ppo_epochs=ppo_epochs, clip_low=clip_low, clip_high=clip_high,
+            aggregation=aggregation, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            use_reference=use_reference, rank=rank, world_size=world_size,
+        )
+
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.ppo_epochs = ppo_epochs
+        self.loss_kwargs = dict(
+            clip_low=clip_low, clip_high=clip_high, aggregation=aggregation,
+            kl_coef=kl_coef, kl_estimator=kl_estimator,
+        )
+        self.aggregation = aggregation
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+
+        torch.manual_seed(seed)
+        self.model = self._load_model(model_dir)
+        self.ref_model = None
+        if use_reference:
+            self.ref_model = self._load_model(model_dir).requires_grad_(False)
+        self.train_model = self.model
+        if world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=device_ids, broadcast_buffers=False
+            )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay
+        )
+        schedule = partial(
+            lr_factor, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps
+        )
+        self.scheduler = LambdaLR(self.optimizer, schedule)
+
+    def _load_model(self, model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return model.to(self.device).eval()
+
+    # ----------------------------------------------------------------- log-probs
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict, micro_batch_size: int | None = None) -> torch.Tensor:
+        """Log-probs ``[B, T]`` of ``batch["input_ids"]`` under the current policy (on CPU)."""
+        return self._logprobs(self.model, batch, micro_batch_size).cpu()
+
+    @torch.no_grad()
+    def compute_ref_logprobs(
+        self, batch: dict, micro_batch_size: int | None = None
+    ) -> torch.Tensor:
+        """Log-probs ``[B, T]`` under the frozen reference model (needs ``use_reference``)."""
+        if self.ref_model is None:
+            raise ValueError("compute_ref_logprobs needs LearnerCore(..., use_reference=True)")
+        return self._logprobs(self.ref_model, batch, micro_batch_size).cpu()
+
+    def _logprobs(self, model, batch, micro_batch_size):
+        size = micro_batch_size or self.micro_batch_size or len(batch["input_ids"])
+        chunks = []
+        for start in range(0, len(batch["input_ids"]), size):
+            ids = batch["input_ids"][start:start + size].to(self.device)
+            attention = batch["attention_mask"][start:start + size].to(self.device)
+            logits = model(input_ids=ids, attention_mask=attention).logits
+            chunks.append(token_logprobs(logits, ids))
+        return torch.cat(chunks)
+
+    # -------------------------------------------------------------------- update
+
+    def update(self, batch: dict[str, torch.Tensor], *, global_batch_size: int) -> dict[str, float]:
+        """Run ``ppo_epochs`` passes of mini-batch steps over this rank's share of the batch.
+
+        ``batch`` is this rank's slice (:func:`shard_batch`) of a global batch of
+        ``global_batch_size`` sequences. Mini-batches are taken in order, without shuffling.
+        Returns metrics that are identical on every rank: token-weighted means of the loss
+        statistics, per-step means of ``loss``, ``grad_norm`` and ``lr``, the rollout/learner
+        log-prob mismatch on the first mini-batch (measured before any optimizer step), and
+        the global ``n_sequences`` / ``n_tokens`` of the batch.
+        """
+        batch = self._check_batch(batch, global_batch_size)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                batch["ref_logprobs"] = self._logprobs(self.ref_model, batch, None)
+        totals = {"steps": 0.0, "skipped_steps": 0.0, "loss": 0.0, "grad_norm": 0.0, "lr": 0.0,
+                  "stat_tokens": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0,
+                  "mismatch_max": 0.0, **{name: 0.0 for name in TOKEN_STATS}}
+        local_mini = self.mini_batch_size // self.world_size
+        local_size = len(batch["input_ids"])
+        for epoch in range(self.ppo_epochs):
+            for start in range(0, local_size, local_mini):
+                mini = {key: value[start:start + local_mini] for key, value in batch.items()}
+                first = epoch == 0 and start == 0
+                self._train_mini_batch(mini, totals, measure_mismatch=first)
+        totals["n_sequences"] = float(local_size)
+        totals["n_tokens"] = float(batch["response_mask"].sum())
+        return self._finish_metrics(totals)
+
+    def _check_batch(self, batch, global_batch_size):
+        missing = [key for key in BATCH_KEYS if key not in batch]
+        if missing:
+            raise ValueError(f"batch is missing {missing}; expected keys {BATCH_KEYS}")
+        shape = tuple(batch["input_ids"].shape)
+        _check(len(shape) == 2 and shape[0] > 0, "input_ids.shape", shape, "[B, T] with B >= 1")
+        for key in ("attention_mask", "response_mask", "old_logprobs"):
+            got = tuple(batch[key].shape)
+            _check(got == shape, f"{key}.shape", got, f"{shape} like input_ids")
+        adv_shape = tuple(batch["advantages"].shape)
+        allowed = f"{shape[:1]} or {shape}"
+        _check(adv_shape in (shape[:1], shape), "advantages.shape", adv_shape, allowed)
+        _check(
+            global_batch_size == shape[0] * self.world_size,
+            "global_batch_size", global_batch_size,
+            f"local batch {shape[0]} x world_size {self.world_size} = {shape[0] * self.world_size}",
+        )
+        return {key: batch[key].to(self.device) for key in BATCH_KEYS}
+
+    def _global_sum(self, values: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+        return values
+
+    def _train_mini_batch(self, mini, totals, measure_mismatch):
+        """Accumulate gradients over micro-batches, then take one optimizer step.
+
+        Exact data-parallel scaling: let ``N`` be the global normalizer of the mini-batch (the
+        number of non-empty sequences for seq-mean-token-mean, of response tokens for
+        token-mean), all-reduced across ranks. Each rank's loss is ``sum_local / N``, so the
+        ranks' losses add up to the global loss. DDP *averages* gradients over ``W`` ranks, so
+        each rank back-propagates ``W * sum_local / N``; the average is then exactly the
+        gradient of the global loss. Micro-batches add their ``sum_micro / N`` terms in the
+        same way, so they change nothing either.
+        """
+        response_mask = mini["response_mask"].bool()
+        counts = torch.stack([(response_mask.sum(-1) > 0).sum(), response_mask.sum()]).double()
+        sequences, tokens = self._global_sum(counts).tolist()
+        normalizer = max(sequences if self.aggregation == "seq-mean-token-mean" else tokens, 1.0)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        size = self.micro_batch_size or len(response_mask)
+        starts = list(range(0, len(response_mask), size))
+        for start in starts:
+            micro = {key: value[start:start + size] for key, value in mini.items()}
+            last = start == starts[-1]
+            sync = nullcontext() if last or self.world_size == 1 else self.train_model.no_sync()
+            with sync:
+                loss, stats, logits, logprobs = self._micro_loss(micro, normalizer)
+                (loss * self.world_size).backward()
+            self._record_micro(micro, stats, logits, logprobs, loss, totals, measure_mismatch)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        totals["steps"] += 1
+        totals["grad_norm"] += grad_norm.item()
+        totals["lr"] += self.optimizer.param_groups[0]["lr"]
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # the same on every rank: gradients were all-reduced before the norm
+            totals["skipped_steps"] += 1
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _micro_loss(self, micro, normalizer):
+        logits = self.train_model(
+            input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]
+        ).logits
+        logprobs = token_logprobs(logits, micro["input_ids"])
+        loss, stats = policy_loss(
+            logprobs, micro["old_logprobs"], micro["advantages"], micro["response_mask"],
+            ref_logprobs=micro.get("ref_logprobs"), normalizer=normalizer, **self.loss_kwargs,
+        )
+        return loss, stats, logits, logprobs
+
+    @torch.no_grad()
+    def _record_micro(self, micro, stats, logits, logprobs, loss, totals, measure_mismatch):
+        mask = micro["response_mask"].bool()
+        n_tokens = float(mask.sum())
+        stats["entropy"] = masked_entropy_from_logits(logits.detach(), mask).item()
+        for name, value in stats.items():
+            totals[name] += value * n_tokens
+        totals["stat_tokens"] += n_tokens
+        totals["loss"] += loss.item()  # this rank's share of the global mini-batch loss
+        if measure_mismatch and n_tokens > 0:
+            gap = (logprobs.detach() - micro["old_logprobs"])[mask].abs()
+            totals["mismatch_sum"] += gap.sum().item()
+            totals["mismatch_tokens"] += n_tokens
+            totals["mismatch_max"] = max(totals["mismatch_max"], gap.max().item())
+
+    def _finish_metrics(self, totals):
+        summed = ["loss", "stat_tokens", "mismatch_sum", "mismatch_tokens", "n_sequences",
+                  "n_tokens", *TOKEN_STATS]
+        values = torch.tensor(
+            [totals[name] for name in summed], dtype=torch.float64, device=self.device
+        )
+        totals.update(zip(summed, self._global_sum(values).tolist()))
+        peak = torch.tensor([totals["mismatch_max"]], dtype=torch.float64, device=self.device)
+        totals["mismatch_max"] = self._global_sum(peak, dist.ReduceOp.MAX).item()
+
+        steps = totals["steps"]
+        stat_tokens = max(totals["stat_tokens"], 1.0)
+        metrics = {name: totals[name] / stat_tokens for name in TOKEN_STATS}
+        if self.ref_model is None:
+            del metrics["kl"]
+        metrics.update(
+            loss=totals["loss"] / steps,
+            grad_norm=totals["grad_norm"] / steps,
+            lr=totals["lr"] / steps,
+            logprob_mismatch_max=totals["mismatch_max"],
+            logprob_mismatch_mean=totals["mismatch_sum"] / max(totals["mismatch_tokens"], 1.0),
+            n_sequences=totals["n_sequences"],
+            n_tokens=totals["n_tokens"],
+            n_steps=steps,
+            skipped_steps=totals["skipped_steps"],
+        )
+        return metrics
+
+    # ------------------------------------------------------------ checkpointing
+
+    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the policy weights (unwrapped names), e.g. for syncing rollout workers."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def save(self, directory: str | Path) -> None:
+        """Save the policy (``save_pretrained``) and the optimizer + scheduler state.
+
+        Call it on one rank only: every rank holds the same state.
+        """
+        self.model.save_pretrained(str(directory))
+        save_optimizer_state(self.optimizer, self.scheduler, directory)
+
+    def load(self, directory: str | Path) -> None:
+        """Restore policy weights, optimizer and scheduler written by :meth:`save` (all ranks)."""
+        saved = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+        # load_state_dict copies in place, so the optimizer and DDP keep their parameters
+        with torch.no_grad():
+            self.model.load_state_dict(saved.state_dict())
+        load_optimizer_state(self.optimizer, self.scheduler, directory)

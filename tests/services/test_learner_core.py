@@ -1,0 +1,250 @@
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from services.learner_core import LearnerCore, lr_factor, shard_batch
+
+BATCH, SEQ_LEN, VOCAB = 8, 12, 64
+COMMON = dict(lr=1e-3, mini_batch_size=4, clip_low=0.2, clip_high=0.28)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def make_batch(seed=0, old_logprobs=None):
+    """Right-padded prompt + response rows of different lengths; row 5 has no response."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=gen)
+    attention_mask = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
+    response_mask = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
+    for row in range(BATCH):
+        prompt = 2 + row % 3
+        response = 0 if row == 5 else 1 + (3 * row) % (SEQ_LEN - prompt)
+        attention_mask[row, : prompt + response] = 1
+        response_mask[row, prompt : prompt + response] = 1
+    input_ids = input_ids * attention_mask
+    if old_logprobs is None:  # plausible log-probs, off-policy enough that some ratios clip
+        old_logprobs = -4.0 - 0.5 * torch.rand(BATCH, SEQ_LEN, generator=gen)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "old_logprobs": old_logprobs,
+        "advantages": torch.randn(BATCH, generator=gen),
+    }
+
+
+def params(learner):
+    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+
+
+def test_update_changes_params_and_returns_finite_metrics(model_dir):
+    learner = LearnerCore(model_dir, **COMMON)
+    before = params(learner)
+    metrics = learner.update(make_batch(), global_batch_size=BATCH)
+    after = params(learner)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    expected = {"loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "grad_norm", "lr",
+                "logprob_mismatch_max", "logprob_mismatch_mean", "n_sequences", "n_tokens",
+                "n_steps", "skipped_steps"}
+    assert expected <= metrics.keys()
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert metrics["n_steps"] == 2 and metrics["skipped_steps"] == 0
+    assert metrics["n_sequences"] == BATCH
+    assert metrics["n_tokens"] == make_batch()["response_mask"].sum().item()
+    assert 0 < metrics["entropy"] <= math.log(VOCAB) + 1e-5
+
+
+def test_on_policy_batch_has_no_mismatch_and_no_clipping(model_dir):
+    learner = LearnerCore(model_dir, lr=1e-3, mini_batch_size=BATCH, micro_batch_size=3)
+    batch = make_batch()
+    batch["old_logprobs"] = learner.compute_logprobs(batch, micro_batch_size=5)
+    metrics = learner.update(batch, global_batch_size=BATCH)
+    assert metrics["logprob_mismatch_max"] < 1e-5
+    assert metrics["logprob_mismatch_mean"] < 1e-6
+    assert metrics["clip_frac"] == 0.0
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(metrics["approx_kl"]) < 1e-6
+
+
+def test_compute_logprobs_matches_a_plain_forward(model_dir):
+    learner = LearnerCore(model_dir, mini_batch_size=4, use_reference=True, kl_coef=0.1)
+    batch = make_batch()
+    model = Qwen2ForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])
+    got = learner.compute_logprobs(batch, micro_batch_size=3)
+    assert torch.allclose(got[:, 1:], expected.squeeze(-1), atol=1e-5)
+    assert torch.allclose(learner.compute_ref_logprobs(batch), got, atol=1e-5)
+
+
+def test_micro_batching_does_not_change_the_update(model_dir):
+    whole = LearnerCore(model_dir, **COMMON)
+    micro = LearnerCore(model_dir, micro_batch_size=1, **COMMON)
+    metrics_whole = whole.update(make_batch(), global_batch_size=BATCH)
+    metrics_micro = micro.update(make_batch(), global_batch_size=BATCH)
+    for name, value in params(whole).items():
+        assert torch.allclose(value, params(micro)[name], atol=1e-6), name
+    assert metrics_micro["grad_norm"] == pytest.approx(metrics_whole["grad_norm"], rel=1e-5)
+    assert metrics_micro["loss"] == pytest.approx(metrics_whole["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_non_finite_gradients_skip_the_step(model_dir):
+    learner = LearnerCore(model_dir, **COMMON)
+    batch = make_batch()
+    batch["advantages"][:] = float("nan")
+    before = params(learner)
+    metrics = learner.update(batch, global_batch_size=BATCH)
+    assert metrics["skipped_steps"] == 2
+    assert all(torch.equal(before[name], value) for name, value in params(learner).items())
+
+
+# ----------------------------------------------------------- data parallel equivalence
+
+DDP_CONFIGS = [
+    dict(aggregation="seq-mean-token-mean"),
+    dict(aggregation="token-mean"),
+    dict(aggregation="seq-mean-token-mean", kl_coef=0.5, use_reference=True, micro_batch_size=1),
+]
+
+
+def ddp_worker(rank, world_size, port, model_dir, batch, out_dir):
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for index, config in enumerate(DDP_CONFIGS):
+            learner = LearnerCore(model_dir, rank=rank, world_size=world_size, **COMMON, **config)
+            metrics = learner.update(shard_batch(batch, rank, world_size), global_batch_size=BATCH)
+            if rank == 0:
+                save_file(learner.state_dict_cpu(), os.path.join(out_dir, f"{index}.safetensors"))
+                with open(os.path.join(out_dir, f"{index}.json"), "w") as f:
+                    json.dump(metrics, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_match_one_rank_on_the_whole_batch(model_dir, tmp_path):
+    batch = make_batch(seed=1)
+    mp.spawn(ddp_worker, args=(2, free_port(), model_dir, batch, str(tmp_path)), nprocs=2)
+    for index, config in enumerate(DDP_CONFIGS):
+        single = LearnerCore(model_dir, **COMMON, **config)
+        metrics = single.update(batch, global_batch_size=BATCH)
+        assert 0 < metrics["clip_frac"] < 1  # the clipped branch is exercised
+        ddp_params = load_file(str(tmp_path / f"{index}.safetensors"))
+        for name, value in single.state_dict_cpu().items():
+            assert torch.allclose(value, ddp_params[name], atol=1e-6, rtol=0), (config, name)
+        ddp_metrics = json.loads((tmp_path / f"{index}.json").read_text())
+        # Adam hides a constant gradient scale; the pre-clip norm does not.
+        for name in ("grad_norm", "loss", "clip_frac", "entropy", "n_tokens", "n_sequences"):
+            assert ddp_metrics[name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
+
+
+def test_shard_batch_puts_every_global_mini_batch_on_all_ranks():
+    rows = torch.arange(10)
+    shards = [shard_batch({"x": rows}, rank, 2)["x"] for rank in range(2)]
+    # with mini_batch_size 4 each rank takes 2 local rows per step: global rows 0-3, 4-7, 8-9
+    for start, end in [(0, 2), (2, 4), (4, 5)]:
+        step_rows = torch.cat([shard[start:end] for shard in shards]).sort().values
+        assert torch.equal(step_rows, torch.arange(2 * start, min(2 * end, 10)))
+
+
+# ------------------------------------------------------------------- checkpointing
+
+def test_save_and_load_resume_identically(model_dir, tmp_path):
+    config = dict(COMMON, lr_schedule="cosine", warmup_steps=1, total_steps=10, weight_decay=0.1)
+    first, second = make_batch(seed=2), make_batch(seed=3)
+    uninterrupted = LearnerCore(model_dir, **config)
+    uninterrupted.update(first, global_batch_size=BATCH)
+    uninterrupted.save(tmp_path / "ckpt")
+    expected = uninterrupted.update(second, global_batch_size=BATCH)
+
+    resumed = LearnerCore(model_dir, **config)
+    resumed.load(tmp_path / "ckpt")
+    got = resumed.update(second, global_batch_size=BATCH)
+    for name, value in params(uninterrupted).items():
+        assert torch.allclose(value, params(resumed)[name], atol=1e-7, rtol=0), name
+    assert got["lr"] == expected["lr"]
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-7)
+    assert not any(path.suffix in (".pt", ".pkl", ".bin") for path in (tmp_path / "ckpt").iterdir())
+
+
+def test_lr_schedules_by_hand():
+    warm = dict(warmup_steps=2, total_steps=6)
+    assert [lr_factor(s, schedule="constant", **warm) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert [lr_factor(s, schedule="linear", **warm) for s in (2, 4, 6, 9)] == [1.0, 0.5, 0.0, 0.0]
+    assert lr_factor(4, schedule="cosine", **warm) == pytest.approx(0.5)
+    assert lr_factor(6, schedule="cosine", **warm) == pytest.approx(0.0)
+
+
+def test_scheduler_drives_the_optimizer_lr(model_dir):
+    learner = LearnerCore(model_dir, lr=1e-3, mini_batch_size=2, warmup_steps=4)
+    metrics = learner.update(make_batch(), global_batch_size=BATCH)  # 4 steps at 1/4 .. 4/4
+    assert metrics["lr"] == pytest.approx(1e-3 * (0.25 + 0.5 + 0.75 + 1.0) / 4)
+
+
+# ------------------------------------------------------------------ validation
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0.0), r"lr=0\.0 is invalid: expected > 0"),
+        (dict(lr_schedule="step"), r"lr_schedule='step'.*constant"),
+        (dict(lr_schedule="cosine"), r"total_steps=None.*warmup_steps=0"),
+        (dict(lr_schedule="linear", warmup_steps=5, total_steps=5), r"total_steps=5"),
+        (dict(mini_batch_size=0), r"mini_batch_size=0.*positive multiple"),
+        (dict(ppo_epochs=0), r"ppo_epochs=0"),
+        (dict(clip_low=1.0), r"clip_low=1\.0.*\[0, 1\)"),
+        (dict(clip_high=-0.1), r"clip_high=-0\.1"),
+        (dict(betas=(0.9, 1.0)), r"betas=\(0\.9, 1\.0\).*\[0, 1\)"),
+        (dict(aggregation="sum"), r"aggregation='sum'.*token-mean"),
+        (dict(kl_estimator="k2"), r"kl_estimator='k2'.*k1"),
+        (dict(kl_coef=0.1), r"kl_coef=0\.1.*use_reference=True"),
+        (dict(rank=1), r"rank=1.*\[0, 1\)"),
+        (dict(world_size=0), r"world_size=0.*int >= 1"),
+        (dict(world_size=2, mini_batch_size=3), r"mini_batch_size=3.*multiple of world_size=2"),
+        (dict(world_size=2), r"world_size=2.*process group"),
+        (dict(micro_batch_size=0), r"micro_batch_size=0"),
+    ],
+)
+def test_bad_arguments_are_rejected(model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LearnerCore(model_dir, **{"mini_batch_size": 4, **kwargs})
+
+
+def test_bad_batches_are_rejected(model_dir):
+    learner = LearnerCore(model_dir, mini_batch_size=4)
+    with pytest.raises(ValueError, match=r"global_batch_size=16.*world_size 1 = 8"):
+        learner.update(make_batch(), global_batch_size=16)
+    batch = make_batch()
+    del batch["advantages"]
+    with pytest.raises(ValueError, match=r"missing \['advantages'\]"):
+        learner.update(batch, global_batch_size=BATCH)
+    batch = make_batch()
+    batch["old_logprobs"] = batch["old_logprobs"][:, :-1]
+    with pytest.raises(ValueError, match=r"old_logprobs.shape=\(8, 11\)"):
+        learner.update(batch, global_batch_size=BATCH)
