@@ -1,0 +1,42 @@
+"""Connecting to Ray: an embedded local instance by default, or an existing cluster."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Defaults that make a local Ray quiet and self-contained (see PLATFORM.md); a user's own
+# environment wins.
+RAY_ENV_DEFAULTS = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def apply_env_defaults() -> None:
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None,
+            working_dir_env: dict | None = None) -> None:
+    """``ray.init`` on an embedded instance (address None) or an existing cluster."""
+    apply_env_defaults()
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in RAY_ENV_DEFAULTS if k in os.environ}
+    runtime_env = {"env_vars": {**env_vars, **(working_dir_env or {})}}
+    if address is None:
+        # Logical CPUs: stages of a synchronous step take turns, so actors may share cores.
+        cpus = num_cpus or max(8, os.cpu_count() or 1)
+        temp_dir = tempfile.mkdtemp(prefix="harpo-ray-")
+        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir,
+                 runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address=address, runtime_env=runtime_env)

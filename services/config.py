@@ -1,0 +1,234 @@
+"""The run configuration: one YAML file validated into typed models.
+
+Every knob of the algorithm (DESIGN §2) and of the pipeline lives here with its default. Unknown
+keys are errors (a typo never silently falls back to a default), and every error names the
+field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harpo_core import HarpoConfig, available_estimators
+from harpo_core.rewards import RewardConfig
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    name: str = "harpo"
+    output_dir: Path = Path("runs/harpo")
+    seed: int = 0
+    steps: PositiveInt = 20
+    checkpoint_every: Annotated[int, Field(ge=0)] = 10  # 0: only at the end
+    eval_every: Annotated[int, Field(ge=0)] = 0  # 0: never during the run
+    keep_checkpoints: PositiveInt = 2
+
+
+class ModelSection(_Section):
+    path: Path
+    trust_remote_code: bool = False
+
+
+class DataSection(_Section):
+    path: Path
+    train_split: str = "train"
+    eval_split: str = "test"
+    tasks: list[str] | None = None  # None: every task in the data
+    prompts_per_step: PositiveInt = 8
+    max_prompt_tokens: PositiveInt = 256
+    eval_prompts_per_task: PositiveInt = 16
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    task_column: str = "task"
+    dataset_column: str = "dataset"
+    task_type_column: str = "task_type"
+
+
+class RolloutSection(_Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    workers: PositiveInt = 2
+    group_size: Annotated[int, Field(ge=2)] = 5
+    max_new_tokens: PositiveInt = 64
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
+    torch_threads: PositiveInt = 1
+
+
+class RewardSection(_Section):
+    scorers: PositiveInt = 1
+    format_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+    overlong_buffer: PositiveInt | None = None
+    overlong_factor: Annotated[float, Field(ge=0.0)] = 0.75
+    qa_accuracy_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.75
+    custom: dict[str, str] = Field(default_factory=dict)  # task type -> "module:function"
+    cpus_per_scorer: Annotated[float, Field(gt=0.0)] = 0.5
+
+
+class HarpoSection(_Section):
+    beta_rho: Fraction = 0.95
+    beta_s: Fraction = 0.95
+    task_clamp: tuple[float, float] | None = (0.5, 4.0)
+    sample_clamp: tuple[float, float] | None = (0.5, 3.0)
+    zero_signal: Literal["exclude", "floor"] = "exclude"
+    signal_floor: Annotated[float, Field(gt=0.0)] = 1e-6
+
+    @model_validator(mode="after")
+    def _check_with_core(self):
+        HarpoConfig(**self.model_dump())  # clamp ordering and friends, one source of truth
+        return self
+
+
+class AlgorithmSection(_Section):
+    estimator: str = "harpo"
+    eps: Annotated[float, Field(gt=0.0)] = 1e-6
+    std_ddof: Literal[0, 1] = 0
+    harpo: HarpoSection = Field(default_factory=HarpoSection)
+    ema_decay: Fraction = 0.99  # ema_grpo only
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, value: str) -> str:
+        if value not in available_estimators():
+            raise ValueError(f"unknown estimator {value!r}; available: {available_estimators()}")
+        return value
+
+    def estimator_params(self) -> dict[str, Any]:
+        if self.estimator == "harpo":
+            return {"eps": self.eps, "std_ddof": self.std_ddof, **self.harpo.model_dump()}
+        if self.estimator == "grpo":
+            return {"eps": self.eps, "std_ddof": self.std_ddof}
+        if self.estimator == "reinforce_pp_baseline":
+            return {"eps": self.eps}
+        if self.estimator == "ema_grpo":
+            return {"eps": self.eps, "decay": self.ema_decay}
+        return {}
+
+
+class LearnerSection(_Section):
+    workers: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0.0)] = 1e-6
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    mini_batch_prompts: PositiveInt = 8  # prompts per optimizer step (× group_size sequences)
+    ppo_epochs: PositiveInt = 1
+    clip_low: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    clip_high: Annotated[float, Field(ge=0.0)] = 0.28
+    aggregation: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
+    kl_coef: Annotated[float, Field(ge=0.0)] = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] = 1e-3
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
+    torch_threads: PositiveInt = 1
+
+
+class ObservabilitySection(_Section):
+    progress: Literal["auto", "always", "never"] = "auto"
+
+
+class TrainConfig(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    data: DataSection
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
+    learner: LearnerSection = Field(default_factory=LearnerSection)
+    observability: ObservabilitySection = Field(default_factory=ObservabilitySection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.data.prompts_per_step % self.learner.mini_batch_prompts:
+            raise ValueError(
+                f"learner.mini_batch_prompts ({self.learner.mini_batch_prompts}) must divide "
+                f"data.prompts_per_step ({self.data.prompts_per_step})"
+            )
+        sequences = self.learner.mini_batch_prompts * self.rollout.group_size
+        if sequences % self.learner.workers:
+            raise ValueError(
+                f"learner.workers ({self.learner.workers}) must divide the sequences of a "
+                f"mini-batch (mini_batch_prompts × group_size = {sequences})"
+            )
+        return self
+
+    def reward_config(self) -> RewardConfig:
+        return RewardConfig(
+            format_weight=self.reward.format_weight,
+            max_response_length=self.rollout.max_new_tokens,
+            overlong_buffer=self.reward.overlong_buffer,
+            overlong_factor=self.reward.overlong_factor,
+            custom=dict(self.reward.custom),
+            qa_accuracy_threshold=self.reward.qa_accuracy_threshold,
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message says where and why."""
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field (check the spelling; see the documented fields)"
+    if error["type"] == "missing":
+        return f"{where}: required field is missing"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def parse_config(data: dict, source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{source} is not valid:\n{lines}") from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read, merge ``overrides`` (nested dict) into, and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _merge(data, key, value)
+    config = parse_config(data, source=str(path))
+    # Relative paths in a config file are relative to the file.
+    base = path.parent
+    updates = {}
+    if not config.model.path.is_absolute():
+        updates["model"] = config.model.model_copy(update={"path": base / config.model.path})
+    if not config.data.path.is_absolute():
+        updates["data"] = config.data.model_copy(update={"path": base / config.data.path})
+    return config.model_copy(update=updates) if updates else config
+
+
+def _merge(data: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c`` style keys in a nested dict."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value

@@ -1,0 +1,51 @@
+"""The interface every rollout backend implements (Hugging Face ``generate``, vLLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # responses per prompt (the group size)
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class Generation:
+    """Responses for a list of prompts, prompt-major: prompt k's ``n`` responses are rows
+    ``k*n .. k*n+n-1``. Arrays are right-padded; ``lengths`` says how much of each row is real.
+    """
+
+    token_ids: np.ndarray  # [R, T] int
+    logprobs: np.ndarray  # [R, T] float32, log-prob of each token under the sampling policy
+    lengths: np.ndarray  # [R] int, tokens in each response (an end token included)
+    stopped: np.ndarray  # [R] bool, True where an end-of-sequence token ended the response
+
+    @property
+    def finish_reasons(self) -> np.ndarray:
+        return np.where(self.stopped, "stop", "length")
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, log-probs) of every response concatenated, without padding."""
+        keep = np.arange(self.token_ids.shape[1])[None, :] < self.lengths[:, None]
+        return self.token_ids[keep], self.logprobs[keep]
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int
+                 ) -> Generation:
+        """For each prompt (token ids), ``params.n`` responses; reproducible given ``seed``."""
+        ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+    def decode(self, token_ids: list[list[int]]) -> list[str]: ...
+
+    def shutdown(self) -> None: ...

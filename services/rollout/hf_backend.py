@@ -1,0 +1,85 @@
+"""Rollouts with Hugging Face ``generate``: the portable backend (CPU or GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.rollout.backend import Generation, SamplingParams
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or ids[0] is None:
+        raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
+    return [int(i) for i in ids]
+
+
+class HFBackend:
+    """Batched sampling with ``model.generate``; log-probs from the same forward passes."""
+
+    def __init__(self, model_dir: str, *, device: str = "cpu", dtype=torch.float32):
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # tied embeddings legitimately appear once; anything else is a real mismatch
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+    def decode(self, token_ids: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int
+                 ) -> Generation:
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for i, p in enumerate(prompts):  # left padding
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        input_ids = torch.from_numpy(ids).repeat_interleave(params.n, dim=0).to(self.device)
+        attention = torch.from_numpy(mask).repeat_interleave(params.n, dim=0).to(self.device)
+        greedy = params.temperature == 0
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new = out.sequences[:, width:]  # [B*n, T]
+        logits = torch.stack(out.logits, dim=1).float()  # [B*n, T, V], before any processing
+        if not greedy:
+            logits = logits / params.temperature
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        new = new.cpu().numpy()
+        is_eos = np.isin(new, self.eos_ids)
+        stopped = is_eos.any(axis=1)
+        # a response ends at (and includes) its first end-of-sequence token
+        lengths = np.where(stopped, is_eos.argmax(axis=1) + 1, new.shape[1])
+        return Generation(token_ids=new, logprobs=logprobs.cpu().numpy().astype(np.float32),
+                          lengths=lengths, stopped=stopped)
+
+    def shutdown(self) -> None:
+        pass

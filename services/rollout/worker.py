@@ -1,0 +1,120 @@
+"""The rollout worker: a Ray actor that owns a backend and turns prompts into rollout batches."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from harpo_core.schema import GENERATION_SCHEMA
+from services.rollout.backend import Generation, SamplingParams
+
+
+class StalePolicyError(RuntimeError):
+    """A worker was asked to serve a policy version it does not hold."""
+
+
+@dataclass
+class RolloutRequest:
+    """A slice of one step's prompts; every per-prompt field has one entry per prompt."""
+
+    step: int
+    seed: int
+    policy_version: int
+    prompt_indices: np.ndarray  # [P] rows in the prompt set
+    group_ids: np.ndarray  # [P]
+    task_codes: np.ndarray  # [P]
+    task_names: tuple[str, ...]  # names of all task codes
+    task_types: tuple[str, ...]  # type of each task code
+    answers: list[str]  # [P]
+    prompt_ids: list[list[int]]  # [P] chat-templated prompt tokens
+
+
+def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type) -> pa.ListArray:
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def build_batch(request: RolloutRequest, gen: Generation, texts: list[str], n: int,
+                worker: str) -> pa.RecordBatch:
+    """Arrow rollout batch (GENERATION_SCHEMA) for a request and its generation, vectorised."""
+    per_row = lambda a: np.repeat(np.asarray(a), n)  # noqa: E731 - prompt field -> rollout rows
+    prompt_lengths = np.array([len(p) for p in request.prompt_ids])
+    prompt_flat = np.concatenate([np.tile(np.asarray(p, dtype=np.int32), n)
+                                  for p in request.prompt_ids])
+    tokens, logprobs = gen.flat()
+    task_codes = per_row(request.task_codes).astype(np.int32)
+    rows = task_codes.size
+    arrays = {
+        "prompt_index": pa.array(per_row(request.prompt_indices), pa.int64()),
+        "group_id": pa.array(per_row(request.group_ids), pa.int64()),
+        "task_code": pa.array(task_codes, pa.int32()),
+        "task": pa.array(np.asarray(request.task_names, dtype=object)[task_codes], pa.string()),
+        "task_type": pa.array(np.asarray(request.task_types, dtype=object)[task_codes],
+                              pa.string()),
+        "answer": pa.array(per_row(np.asarray(request.answers, dtype=object)), pa.string()),
+        "prompt_ids": _list_array(prompt_flat, np.repeat(prompt_lengths, n), pa.int32()),
+        "response_ids": _list_array(tokens.astype(np.int32), gen.lengths, pa.int32()),
+        "response_logprobs": _list_array(logprobs, gen.lengths, pa.float32()),
+        "response_text": pa.array(texts, pa.string()),
+        "finish_reason": pa.array(gen.finish_reasons, pa.string()),
+        "policy_version": pa.array(np.full(rows, request.policy_version), pa.int64()),
+        "worker": pa.array([worker] * rows, pa.string()),
+    }
+    return pa.RecordBatch.from_arrays([arrays[f.name] for f in GENERATION_SCHEMA],
+                                      schema=GENERATION_SCHEMA)
+
+
+def make_backend(kind: str, model_dir: str, options: dict):
+    if kind == "hf":
+        from services.rollout.hf_backend import HFBackend
+
+        return HFBackend(model_dir, device=options.get("device", "cpu"))
+    raise ValueError(f"unknown rollout backend {kind!r}; available: ['hf']")
+
+
+@ray.remote
+class RolloutWorker:
+    """Generates groups of responses with the policy version it was last given."""
+
+    def __init__(self, name: str, backend: str, model_dir: str, params: SamplingParams,
+                 torch_threads: int = 1, options: dict | None = None,
+                 initial_version: int = 0):
+        torch.set_num_threads(torch_threads)
+        self.name = name
+        self.params = params
+        self.backend = make_backend(backend, model_dir, options or {})
+        self.version = initial_version
+        self.served = 0
+
+    def ready(self) -> dict:
+        return {"name": self.name, "version": self.version, "pid": os.getpid()}
+
+    def set_weights(self, version: int, state_dict: dict) -> float:
+        """Load a policy version; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.backend.load_weights(state_dict)
+        self.version = version
+        return time.perf_counter() - t0
+
+    def generate(self, request: RolloutRequest, params: SamplingParams | None = None
+                 ) -> pa.RecordBatch:
+        if request.policy_version != self.version:
+            raise StalePolicyError(
+                f"worker {self.name} holds policy version {self.version} but the request is "
+                f"for version {request.policy_version}; sync weights before serving"
+            )
+        params = params or self.params
+        gen = self.backend.generate(request.prompt_ids, params, seed=request.seed)
+        keep = np.arange(gen.token_ids.shape[1])[None, :] < gen.lengths[:, None]
+        texts = self.backend.decode([row[m].tolist() for row, m in zip(gen.token_ids, keep)])
+        self.served += len(texts)
+        return build_batch(request, gen, texts, params.n, self.name)
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()

@@ -1,0 +1,135 @@
+"""A run's directory: resolved config, per-step metrics and checkpoints.
+
+::
+
+    RUN_DIR/
+      config.yaml                    the resolved configuration
+      metrics.jsonl                  one JSON object per training step
+      checkpoints/
+        step-000010/                 state after 10 completed steps
+          model/                     HF format (safetensors) + tokenizer, and the
+                                     optimizer state (optimizer.safetensors, optimizer.json)
+          modulator.json, sampler.json, trainer.json
+          MANIFEST.json              sha256 of every file, written last
+
+A checkpoint is written into a temporary directory and renamed into place, so a crash leaves
+either the old set or the new one, never half a checkpoint. Loading verifies the manifest and
+skips (with a message) a checkpoint that does not match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config_path = self.root / "config.yaml"
+        self.metrics_path = self.root / "metrics.jsonl"
+        self.checkpoints = self.root / "checkpoints"
+
+    def create(self) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ metrics
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def truncate_metrics(self, first_step: int) -> None:
+        """Drop rows of steps >= first_step (they are about to be trained again)."""
+        rows = [r for r in self.read_metrics() if r["step"] < first_step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_path(self, completed_steps: int) -> Path:
+        return self.checkpoints / f"step-{completed_steps:06d}"
+
+    def save_checkpoint(self, completed_steps: int, write: Callable[[Path], None],
+                        keep: int) -> Path:
+        """Call ``write(tmp_dir)`` to fill a checkpoint, seal it with a manifest, rename it in."""
+        final = self.checkpoint_path(completed_steps)
+        tmp = self.checkpoints / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        write_json(tmp / MANIFEST, {"completed_steps": completed_steps, "files": manifest})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._prune(keep)
+        return final
+
+    def _prune(self, keep: int) -> None:
+        for old in self.list_checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def list_checkpoints(self) -> list[Path]:
+        if not self.checkpoints.exists():
+            return []
+        return sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir())
+
+    def verify(self, path: Path) -> str | None:
+        """None if the checkpoint matches its manifest, else what is wrong."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return "no MANIFEST.json (incomplete write)"
+        try:
+            manifest = json.loads(manifest_path.read_text())["files"]
+        except (ValueError, KeyError) as exc:
+            return f"unreadable MANIFEST.json ({exc})"
+        for name, digest in manifest.items():
+            file = path / name
+            if not file.is_file():
+                return f"missing file {name}"
+            if _sha256(file) != digest:
+                return f"file {name} does not match its checksum"
+        return None
+
+    def latest_valid_checkpoint(self) -> Path | None:
+        for path in reversed(self.list_checkpoints()):
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            log.warning("skipping checkpoint %s: %s", path, problem)
+        return None

@@ -1,0 +1,50 @@
+"""Shared fixtures for the services tests: tiny assets built once, one embedded Ray."""
+
+import os
+
+import pytest
+
+from services.cluster import apply_env_defaults
+
+apply_env_defaults()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    from services.tiny.model import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny"), n_train_per_task=60, n_test_per_task=8)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from services.cluster import connect
+
+    connect(num_cpus=8)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(assets, run_dir, **sections):
+    """A small, fast run on the tiny assets; ``sections`` override per section."""
+    from services.config import parse_config
+
+    base = {
+        "run": {"name": "test", "output_dir": str(run_dir), "steps": 2, "checkpoint_every": 1,
+                "seed": 0, "keep_checkpoints": 5},
+        "model": {"path": str(assets.model_dir)},
+        "data": {"path": str(assets.data_dir), "prompts_per_step": 4, "max_prompt_tokens": 256,
+                 "eval_prompts_per_task": 2},
+        "rollout": {"workers": 2, "group_size": 4, "max_new_tokens": 12},
+        "reward": {"scorers": 2},
+        "learner": {"workers": 1, "mini_batch_prompts": 2, "lr": 1e-3},
+        "observability": {"progress": "never"},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return parse_config(base)
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
