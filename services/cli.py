@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _positive_int(text: str) -> int:
@@ -16,6 +17,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected SECTION.FIELD=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from harpo_core import HarpoConfig
     from services.simulate import format_table, simulate
@@ -26,14 +39,94 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     rows = simulate(steps=args.steps, group_size=args.group_size, seed=args.seed, config=config)
     print(format_table(rows))
     print("\nTasks whose groups rarely carry signal (near-solved or hopeless) are scaled up; "
-          "the rest down.\nThe overall step size is "
-          "unchanged\n(the sum of log task factors stays near 0).")
+          "the rest down.\nThe overall step size is unchanged\n"
+          "(the sum of log task factors stays near 0).")
+    return 0
+
+
+def _load_train_config(args: argparse.Namespace):
+    from services.config import load_config
+
+    overrides = dict(args.set or [])
+    if args.resume:
+        run_config = Path(args.resume) / "config.yaml"
+        if args.config:
+            raise ValueError("give either CONFIG or --resume RUN_DIR, not both "
+                             "(a resumed run keeps the configuration it was started with)")
+        if not run_config.is_file():
+            raise FileNotFoundError(f"{args.resume} is not a run directory (no config.yaml)")
+        return load_config(run_config, overrides)
+    if not args.config:
+        raise ValueError("harpo train needs a CONFIG file (or --resume RUN_DIR)")
+    return load_config(args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = _load_train_config(args)
+    print("# resolved configuration\n" + config.to_yaml(), flush=True)
+    from services.cluster import connect
+
+    connect(args.address)
+    from services.controller import Trainer
+
+    trainer = Trainer(config, resume=bool(args.resume))
+    try:
+        rows = trainer.run()
+    finally:
+        trainer.shutdown()
+    last = rows[-1] if rows else None
+    if last is not None:
+        print(f"finished step {last['step'] + 1}/{config.run.steps}: mean reward "
+              f"{last['reward_mean']:.3f}; run directory {config.run.output_dir}")
+    else:
+        print(f"nothing to do: the run already completed {config.run.steps} steps")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    config = _load_train_config(args)
+    from services.cluster import connect
+
+    connect(args.address)
+    from services.controller import Trainer
+
+    trainer = Trainer(config, resume=bool(args.resume))
+    try:
+        result = trainer.evaluate(split=args.split, per_task=args.per_task)
+    finally:
+        trainer.shutdown()
+    print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    # The full pipeline demo arrives with the Ray pipeline; until then it is the simulation.
-    return _cmd_simulate(args)
+    from services.demo import run_demo
+
+    run_demo(args.workdir, steps=args.steps, sft_seconds=args.sft_seconds, address=args.address)
+    return 0
+
+
+def _cmd_init_tiny(args: argparse.Namespace) -> int:
+    from services.tiny.model import init_tiny
+
+    assets = init_tiny(args.out, seed=args.seed, n_train_per_task=args.train_per_task,
+                       n_test_per_task=args.test_per_task)
+    print(f"model: {assets.model_dir}\ndata:  {assets.data_dir}")
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from services.tiny.sft import sft
+
+    metrics = sft(args.model, args.data, args.out, steps=args.steps, max_seconds=args.seconds,
+                  lr=args.lr, progress=sys.stderr.isatty())
+    print({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,16 +136,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, fn, help_text in [
-        ("simulate", _cmd_simulate, "run the HARPO modulator on synthetic rewards"),
-        ("demo", _cmd_demo, "the embedded default run (no GPU, no network)"),
-    ]:
+    def add_run_args(p):
+        p.add_argument("config", nargs="?", help="YAML run configuration")
+        p.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its latest valid checkpoint")
+        p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+        p.add_argument("--set", action="append", type=_override, metavar="SECTION.FIELD=VALUE",
+                       help="override a config field, e.g. --set run.steps=50 (repeatable)")
+
+    p = sub.add_parser("train", help="train with a YAML config",
+                       description="Train with a YAML config on embedded Ray or a cluster.")
+    add_run_args(p)
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eval", help="held-out reward per task of a config's model or a run",
+                       description="Greedy held-out evaluation, per task.")
+    add_run_args(p)
+    p.add_argument("--split", default=None, help="data split (default: data.eval_split)")
+    p.add_argument("--per-task", type=_positive_int, default=None, help="prompts per task")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("demo", help="the embedded default run: tiny model, SFT, HARPO RL",
+                       description="Build a tiny model and task suite, warm-start it, train "
+                                   "it with HARPO on local Ray, and report per-task results.")
+    p.add_argument("--workdir", default="runs/demo", help="where assets and the run go")
+    p.add_argument("--steps", type=_positive_int, default=30, help="RL steps (default 30)")
+    p.add_argument("--sft-seconds", type=float, default=75.0,
+                   help="time budget of the supervised warm start")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("init-tiny", help="build a tiny Qwen2 model and the synthetic task suite")
+    p.add_argument("out", help="output directory (model/ and data/ go inside)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-task", type=_positive_int, default=2000)
+    p.add_argument("--test-per-task", type=_positive_int, default=100)
+    p.set_defaults(fn=_cmd_init_tiny)
+
+    p = sub.add_parser("sft", help="supervised warm start on a suite's train split")
+    p.add_argument("--model", required=True, help="model directory (HF format)")
+    p.add_argument("--data", required=True, help="data directory (parquet shards)")
+    p.add_argument("--out", required=True, help="where the fine-tuned model goes")
+    p.add_argument("--steps", type=_positive_int, default=600)
+    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.set_defaults(fn=_cmd_sft)
+
+    for name, help_text in [("simulate", "run the HARPO modulator on synthetic rewards")]:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--steps", type=_positive_int, default=200, help="steps to simulate (default 200)")
-        p.add_argument("--group-size", type=_positive_int, default=5, help="rollouts per prompt")
+        p.add_argument("--steps", type=_positive_int, default=200,
+                       help="steps to simulate (default 200)")
+        p.add_argument("--group-size", type=_positive_int, default=5,
+                       help="rollouts per prompt")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--zero-signal", choices=["exclude", "floor"], default="exclude")
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=_cmd_simulate)
     return parser
 
 
@@ -60,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"harpo: error: {exc}", file=sys.stderr)
         return 2
 

@@ -175,6 +175,14 @@ class TrainConfig(_Section):
             qa_accuracy_threshold=self.reward.qa_accuracy_threshold,
         )
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same config with relative paths resolved against the working directory."""
+        return self.model_copy(update={
+            "run": self.run.model_copy(update={"output_dir": self.run.output_dir.resolve()}),
+            "model": self.model.model_copy(update={"path": self.model.path.resolve()}),
+            "data": self.data.model_copy(update={"path": self.data.path.resolve()}),
+        })
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -222,6 +230,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         updates["model"] = config.model.model_copy(update={"path": base / config.model.path})
     if not config.data.path.is_absolute():
         updates["data"] = config.data.model_copy(update={"path": base / config.data.path})
+    if not config.run.output_dir.is_absolute():
+        updates["run"] = config.run.model_copy(
+            update={"output_dir": base / config.run.output_dir})
     return config.model_copy(update=updates) if updates else config
 
 

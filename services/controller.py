@@ -79,6 +79,7 @@ class Trainer:
     """Builds the actors for a config and runs training steps; Ray must be initialised."""
 
     def __init__(self, config: TrainConfig, *, resume: bool = False):
+        config = config.with_absolute_paths()
         self.config = config
         self.run_dir = RunDir(config.run.output_dir)
         self.step = 0  # steps completed

@@ -80,3 +80,13 @@ def test_unusable_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping of sections, got list"):
         load_config(bad)
+
+
+def test_shipped_examples_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        config = load_config(path)
+        assert config.model.path.is_absolute() and config.run.output_dir.is_absolute()
