@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.cluster import apply_env_defaults
+
+    apply_env_defaults()  # before torch is imported: some settings are read at import
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -14,6 +14,8 @@ RAY_ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # OpenMP threads that spin-wait slow everything 15-20x when processes share few cores.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 
 

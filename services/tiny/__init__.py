@@ -1,0 +1,22 @@
+"""Tiny CPU-only model, tokenizer and synthetic multi-task suite for the embedded demo."""
+
+from .model import TinyAssets, build_tiny_model, count_parameters, init_tiny, train_tokenizer
+from .sft import greedy_eval, read_split, sft
+from .tasks import SUITE, TaskSpec, generate_examples, sft_response, suite_corpus, write_suite
+
+__all__ = [
+    "SUITE",
+    "TaskSpec",
+    "TinyAssets",
+    "build_tiny_model",
+    "count_parameters",
+    "generate_examples",
+    "greedy_eval",
+    "init_tiny",
+    "read_split",
+    "sft",
+    "sft_response",
+    "suite_corpus",
+    "train_tokenizer",
+    "write_suite",
+]

@@ -1,0 +1,141 @@
+"""The tiny demo assets: synthetic task suite, byte-level tokenizer, Qwen2 model, SFT."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from harpo_core.rewards.parsing import extract_boxed, follows_format  # noqa: E402
+from services.tiny import (  # noqa: E402
+    SUITE,
+    count_parameters,
+    generate_examples,
+    greedy_eval,
+    init_tiny,
+    read_split,
+    sft,
+    sft_response,
+    suite_corpus,
+    train_tokenizer,
+    write_suite,
+)
+
+COLUMNS = ["prompt", "answer", "task", "dataset", "task_type", "modality"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return init_tiny(tmp_path_factory.mktemp("tiny"), n_train_per_task=40, n_test_per_task=4)
+
+
+def test_suite_is_heterogeneous():
+    types = {t.task_type for t in SUITE.values()}
+    n_labels = {len(t.labels) for t in SUITE.values() if t.labels}
+    assert len(SUITE) >= 6 and types == {"classification", "qa"}
+    assert min(n_labels) == 2 and max(n_labels) >= 8
+    assert {t.difficulty for t in SUITE.values()} == {"easy", "hard"}
+
+
+@pytest.mark.parametrize("name", sorted(SUITE))
+def test_generation_is_seeded_and_answers_are_valid(name):
+    task = SUITE[name]
+    rows = generate_examples(task, 50, seed=3)
+    assert rows == generate_examples(task, 50, seed=3)
+    assert rows != generate_examples(task, 50, seed=4)
+    for row in rows:
+        assert row["task"] == name and row["task_type"] == task.task_type
+        if task.labels:
+            assert row["answer"] in task.labels
+    if task.labels:  # every class shows up
+        assert {r["answer"] for r in generate_examples(task, 400, seed=0)} == set(task.labels)
+
+
+def test_write_suite_shards_and_manifest(tmp_path):
+    shards = write_suite(tmp_path, n_train_per_task=7, n_test_per_task=3, seed=1)
+    assert shards == {"train": [tmp_path / "train-00000-of-00001.parquet"],
+                      "test": [tmp_path / "test-00000-of-00001.parquet"]}
+    for split, per_task in (("train", 7), ("test", 3)):
+        table = pq.read_table(shards[split][0])
+        assert table.column_names == COLUMNS and table.num_rows == per_task * len(SUITE)
+        assert set(table.column("modality").to_pylist()) == {"text"}
+    manifest = json.loads((tmp_path / "suite.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == list(SUITE)
+    assert all(t["n_train"] == 7 and t["n_test"] == 3 for t in manifest["tasks"])
+    train_prompts = {r["prompt"] for r in read_split(tmp_path, "train")}
+    assert len(train_prompts) > 1
+
+
+def test_sft_response_parses():
+    for task in SUITE.values():
+        text = sft_response("a {nested} answer", task)
+        assert follows_format(text) and extract_boxed(text) == "a {nested} answer"
+    assert not follows_format("\\boxed{x}")
+
+
+def test_tokenizer_round_trips_through_autotokenizer(assets):
+    fresh = train_tokenizer(suite_corpus(), vocab_size=512)
+    loaded = AutoTokenizer.from_pretrained(assets.model_dir)
+    assert type(loaded) is type(fresh) and type(loaded).__name__ == "Qwen2Tokenizer"
+    assert len(loaded) == len(fresh) == 512
+    texts = [
+        "<think>compare the digits</think> \\boxed{greater}",
+        "Is 17 + 4 even? ~!@#$%^&*()_+`-=[]{}|;':\",./<>?\\ \t\n end",
+        "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+        "".join(chr(c) for c in range(32, 127)),
+    ]
+    for text in texts:
+        ids = loaded(text, add_special_tokens=False)["input_ids"]
+        assert ids == fresh(text, add_special_tokens=False)["input_ids"]
+        assert loaded.decode(ids) == text
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        assert len(loaded(token, add_special_tokens=False)["input_ids"]) == 1
+    assert loaded.eos_token == loaded.pad_token == "<|endoftext|>"
+    chat = loaded.apply_chat_template([{"role": "user", "content": "Q?"}],
+                                      add_generation_prompt=True, tokenize=False)
+    assert chat == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_model_loads_and_generates(assets):
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(assets.model_dir)
+    assert 500_000 <= count_parameters(model) <= 1_500_000
+    assert model.config.tie_word_embeddings and model.config.vocab_size == len(tokenizer)
+    eos = set(model.generation_config.eos_token_id)
+    assert eos == {tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    enc = tokenizer(["hello"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] <= enc["input_ids"].shape[1] + 5
+    assert sorted(p.name for p in assets.model_dir.iterdir() if p.suffix in {".bin", ".pt"}) == []
+
+
+def test_init_tiny_is_idempotent_and_deterministic(assets, tmp_path):
+    root = assets.model_dir.parent
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert init_tiny(root, n_train_per_task=40, n_test_per_task=4) == assets
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+    with pytest.raises(ValueError):
+        init_tiny(root, n_train_per_task=41, n_test_per_task=4)
+
+    other = init_tiny(tmp_path / "again", n_train_per_task=40, n_test_per_task=4)
+    for rel in ("model/model.safetensors", "model/tokenizer.json",
+                "data/train-00000-of-00001.parquet", "data/suite.json"):
+        assert (root / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
+    assert other.model_dir != assets.model_dir
+
+
+def test_short_sft_lowers_loss_and_saves_safetensors(assets, tmp_path):
+    out = tmp_path / "sft"
+    metrics = sft(assets.model_dir, assets.data_dir, out, steps=12, batch_size=8, lr=3e-3,
+                  warmup_steps=2, seed=0, max_length=256, num_threads=1, progress=False)
+    assert metrics["steps"] == 12 and metrics["loss_last"] < 0.8 * metrics["loss_first"]
+    assert (out / "model.safetensors").is_file()
+    assert not [p for p in out.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
+    report = greedy_eval(out, assets.data_dir, n_per_task=2, max_new_tokens=8, num_threads=1)
+    assert set(report) == set(SUITE)
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["format"] <= 1 and r["n"] == 2
+               for r in report.values())
