@@ -19,11 +19,14 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or a module
 
 PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 16
 
@@ -45,7 +48,7 @@ def pipeline_config(assets, run_dir: Path, steps: int, threads: int):
                  "max_prompt_tokens": 256},
         "rollout": {"workers": 1, "group_size": SAMPLES, "max_new_tokens": NEW_TOKENS,
                     "torch_threads": threads},
-        "reward": {"scorers": 1},
+        "reward": {"scorers": 1, "torch_threads": threads},
         "learner": {"workers": 1, "mini_batch_prompts": PROMPTS, "lr": 1e-5,
                     "torch_threads": threads},
         "observability": {"progress": "never"},
@@ -66,10 +69,20 @@ def run_pipeline(config, steps: int, warmup: int) -> dict:
     finally:
         trainer.shutdown()
     rows = rows[warmup:]
-    stages = ("generate_s", "score_s", "modulate_s", "learn_s", "sync_s", "step_s")
+    stages = ("generate_s", "score_s", "modulate_s", "learn_s", "learner_fetch_s",
+              "learner_update_s", "sync_s", "step_s")
     out = {s: statistics.median(r["timing"][s] for r in rows) for s in stages}
     out["tokens"] = statistics.median(r["response_length"] for r in rows) * PROMPTS * SAMPLES
     return out
+
+
+def step_prompts(assets, steps: int) -> list[list[str]]:
+    """The prompts the pipeline's sampler draws, step by step (seed 0), for the other runs."""
+    from harpo_core.data import TaskStratifiedSampler, load_prompts
+
+    prompt_set = load_prompts(assets.data_dir, "train")
+    sampler = TaskStratifiedSampler(prompt_set, seed=0)
+    return [[prompt_set.prompts[i] for i in sampler.next_batch(PROMPTS)] for _ in range(steps)]
 
 
 def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
@@ -77,7 +90,6 @@ def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from harpo_core.data import load_prompts
     from harpo_core.schema import to_learner_tensors
     from services.controller import tokenize_prompts
     from services.learner_core import LearnerCore
@@ -87,12 +99,10 @@ def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     backend = HFBackend(str(assets.model_dir))
     learner = LearnerCore(str(assets.model_dir), mini_batch_size=PROMPTS * SAMPLES, lr=1e-5)
-    prompts = load_prompts(assets.data_dir, "train").prompts
-    ids = tokenize_prompts(backend.tokenizer, prompts[: PROMPTS * steps])
     params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS)
     gen_times, learn_times = [], []
-    for step in range(steps):
-        batch_ids = ids[step * PROMPTS:(step + 1) * PROMPTS]
+    for step, prompts in enumerate(step_prompts(assets, steps)):
+        batch_ids = tokenize_prompts(backend.tokenizer, prompts)
         t0 = time.perf_counter()
         gen = backend.generate(batch_ids, params, seed=step)
         gen_times.append(time.perf_counter() - t0)
@@ -122,10 +132,15 @@ def run_trl(assets, steps: int, warmup: int) -> dict | None:
     except ImportError as exc:
         print(f"TRL baseline skipped ({exc}); install it with: pip install -e '.[bench]'")
         return None
-    from harpo_core.data import load_prompts
+    from transformers import AutoTokenizer
 
-    prompts = load_prompts(assets.data_dir, "train").prompts
-    return run_trl_grpo(str(assets.model_dir), prompts[: PROMPTS * (steps + 1)], steps=steps,
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.model_dir))
+    # the same prompts as the pipeline, chat-templated as the pipeline does it; TRL's sampler
+    # shuffles them, so steps see the same prompts in another grouping
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True)
+               for batch in step_prompts(assets, steps + 1) for p in batch]
+    return run_trl_grpo(str(assets.model_dir), prompts, steps=steps,
                         prompts_per_step=PROMPTS, group_size=SAMPLES,
                         max_new_tokens=NEW_TOKENS, warmup_steps=warmup)
 
@@ -161,7 +176,8 @@ def main() -> None:
               f"{rollouts / t:>11.1f}")
     print("\npipeline stages (s): " + ", ".join(
         f"{k.removesuffix('_s')} {pipeline[k]:.3f}" for k in
-        ("generate_s", "score_s", "modulate_s", "learn_s", "sync_s")))
+        ("generate_s", "score_s", "modulate_s", "learn_s", "learner_fetch_s", "learner_update_s",
+         "sync_s")))
     print(f"standalone stages (s): generate {standalone['generate_s']:.3f}, "
           f"update {standalone['learn_s']:.3f}")
     print(f"orchestration overhead = {pipeline['step_s']:.3f} / {base:.3f} = "

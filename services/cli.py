@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a tiny model and task suite, warm-start it, train "
                                    "it with HARPO on local Ray, and report per-task results.")
     p.add_argument("--workdir", default="runs/demo", help="where assets and the run go")
-    p.add_argument("--steps", type=_positive_int, default=30, help="RL steps (default 30)")
+    p.add_argument("--steps", type=_positive_int, default=60, help="RL steps (default 60)")
     p.add_argument("--sft-seconds", type=float, default=75.0,
                    help="time budget of the supervised warm start")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")

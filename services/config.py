@@ -74,6 +74,7 @@ class RewardSection(_Section):
     qa_accuracy_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.75
     custom: dict[str, str] = Field(default_factory=dict)  # task type -> "module:function"
     cpus_per_scorer: Annotated[float, Field(gt=0.0)] = 0.5
+    torch_threads: PositiveInt = 1
 
 
 class HarpoSection(_Section):

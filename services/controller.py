@@ -158,7 +158,8 @@ class Trainer:
             for i in range(cfg.rollout.workers)
         ]
         self.scorers = [
-            RewardScorer.options(num_cpus=cfg.reward.cpus_per_scorer).remote(cfg.reward_config())
+            RewardScorer.options(num_cpus=cfg.reward.cpus_per_scorer).remote(
+                cfg.reward_config(), cfg.reward.torch_threads)
             for _ in range(cfg.reward.scorers)
         ]
         self.modulator = None
@@ -295,7 +296,9 @@ class Trainer:
             "stop_fraction": float(summary["stopped"].mean()),
             "rollouts_per_s": n / times["step_s"],
             "tokens_per_s": tokens / times["step_s"],
-            "timing": {**times, "weight_load_s": weight_load_s},
+            "timing": {**times, "weight_load_s": weight_load_s,
+                       "learner_fetch_s": learner.get("fetch_s", 0.0),
+                       "learner_update_s": learner.get("update_s", 0.0)},
         }
         for key in ("loss", "kl", "entropy", "clip_frac", "approx_kl", "grad_norm", "lr",
                     "logprob_mismatch_max", "logprob_mismatch_mean"):

@@ -20,9 +20,10 @@ def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int) -> T
                 "checkpoint_every": 0, "seed": 0},
         "model": {"path": str(model_dir)},
         "data": {"path": str(data_dir), "prompts_per_step": 14, "max_prompt_tokens": 256,
-                 "eval_prompts_per_task": 24},
-        "rollout": {"workers": 2, "group_size": 6, "max_new_tokens": 40, "temperature": 1.0},
-        "reward": {"scorers": 1},
+                 "eval_prompts_per_task": 48},
+        "rollout": {"workers": 2, "group_size": 6, "max_new_tokens": 40, "temperature": 1.0,
+                    "torch_threads": 1},
+        "reward": {"scorers": 1, "torch_threads": 2},
         "algorithm": {"estimator": "harpo"},
         "learner": {"workers": 1, "lr": 5e-5, "mini_batch_prompts": 7, "ppo_epochs": 1,
                     "warmup_steps": 2, "torch_threads": 2},
@@ -48,7 +49,7 @@ def format_report(before: dict, after: dict, factors: dict[str, float],
     return "\n".join(lines)
 
 
-def run_demo(workdir: str | Path = "runs/demo", steps: int = 30, sft_seconds: float = 75.0,
+def run_demo(workdir: str | Path = "runs/demo", steps: int = 60, sft_seconds: float = 75.0,
              address: str | None = None) -> dict:
     from services.cluster import connect
     from services.tiny.model import init_tiny

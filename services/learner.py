@@ -76,6 +76,7 @@ class Learner:
         metrics = self.core.update(local, global_batch_size=table.num_rows)
         self.version += 1
         metrics["fetch_s"] = fetch
+        metrics["update_s"] = time.perf_counter() - t0 - fetch
         return metrics
 
     def weights(self) -> dict[str, torch.Tensor]:

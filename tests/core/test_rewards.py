@@ -223,6 +223,25 @@ def test_similarity_one_encode_call_per_batch(similarity):
     np.testing.assert_allclose(got, similarity.score(predictions, references))
 
 
+def test_similarity_cache_encodes_only_new_texts(similarity):
+    spy = CountingEncoder(similarity.model)
+    sim = SentenceSimilarity(model=spy, cache_size=3)
+    first = sim.score(["a cat", "a bird"], ["a dog", "a dog"])
+    again = sim.score(["a cat", "a bird"], ["a dog", "a dog"])
+    np.testing.assert_array_equal(first, again)
+    sim.score(["a cow", "a cat"], ["a dog", "a dog"])
+    # the repeat encoded nothing; then only "a cow" was new (and "a bird" fell out: size 3)
+    assert spy.calls == [["a cat", "a dog", "a bird"], ["a cow"]]
+    sim.score(["a bird"], ["a dog"])
+    assert spy.calls[-1] == ["a bird"]
+    uncached = SentenceSimilarity(model=spy, cache_size=0)
+    uncached.score(["a cat"], ["a dog"])
+    uncached.score(["a cat"], ["a dog"])
+    assert spy.calls[-2:] == [["a cat", "a dog"], ["a cat", "a dog"]]
+    with pytest.raises(ValueError, match="cache_size must be >= 0, got -1"):
+        SentenceSimilarity(model=spy, cache_size=-1)
+
+
 def test_similarity_encodes_nothing_when_nothing_to_score(similarity):
     spy = CountingEncoder(similarity.model)
     sim = SentenceSimilarity(model=spy)
