@@ -168,8 +168,10 @@ class Trainer:
             if checkpoint is not None:
                 state = json.loads((checkpoint / "modulator.json").read_text())
             harpo = HarpoConfig(**cfg.algorithm.harpo.model_dump())
-            self.modulator = ModulatorService.options(
-                name=modulator_name(f"{cfg.run.name}-{id(self)}")).remote(harpo, state)
+            # one name per run directory: stable across restarts, distinct between runs
+            run_key = f"{cfg.run.name}-{derive_seed(str(cfg.run.output_dir)) % 10**8:08d}"
+            self.modulator = ModulatorService.options(name=modulator_name(run_key)).remote(
+                harpo, state)
         learner = cfg.learner
         core_kwargs = dict(
             mini_batch_size=learner.mini_batch_prompts * cfg.rollout.group_size,
