@@ -91,7 +91,7 @@ def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
     import torch
 
     from harpo_core.schema import to_learner_tensors
-    from services.controller import tokenize_prompts
+    from services.chat import tokenize_prompts
     from services.learner_core import LearnerCore
     from services.rollout.backend import SamplingParams
     from services.rollout.hf_backend import HFBackend
@@ -134,12 +134,13 @@ def run_trl(assets, steps: int, warmup: int) -> dict | None:
         return None
     from transformers import AutoTokenizer
 
+    from services.chat import render_prompts
+
     tokenizer = AutoTokenizer.from_pretrained(str(assets.model_dir))
     # the same prompts as the pipeline, chat-templated as the pipeline does it; TRL's sampler
     # shuffles them, so steps see the same prompts in another grouping
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True)
-               for batch in step_prompts(assets, steps + 1) for p in batch]
+    prompts = render_prompts(tokenizer, [p for batch in step_prompts(assets, steps + 1)
+                                         for p in batch])
     return run_trl_grpo(str(assets.model_dir), prompts, steps=steps,
                         prompts_per_step=PROMPTS, group_size=SAMPLES,
                         max_new_tokens=NEW_TOKENS, warmup_steps=warmup)

@@ -30,6 +30,7 @@ from harpo_core import GroupModulation, GroupStats, HarpoConfig, make_estimator
 from harpo_core.batch import GroupedBatch
 from harpo_core.data import DataColumns, PromptSet, TaskStratifiedSampler, load_prompts
 from harpo_core.estimators import grpo
+from services.chat import tokenize_prompts
 from services.config import TrainConfig
 from services.learner import LearnerGroup
 from services.modulator_actor import ModulatorService, modulator_name
@@ -50,12 +51,6 @@ def derive_seed(*parts: int | str) -> int:
     """A stable 63-bit seed from the run seed and a position (step, chunk, ...)."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def tokenize_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def check_prompt_lengths(token_ids: list[list[int]], limit: int, split: str) -> None:

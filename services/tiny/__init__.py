@@ -1,7 +1,7 @@
 """Tiny CPU-only model, tokenizer and synthetic multi-task suite for the embedded demo."""
 
 from .model import TinyAssets, build_tiny_model, count_parameters, init_tiny, train_tokenizer
-from .sft import greedy_eval, read_split, sft
+from .sft import greedy_eval, sft
 from .tasks import SUITE, TaskSpec, generate_examples, sft_response, suite_corpus, write_suite
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "generate_examples",
     "greedy_eval",
     "init_tiny",
-    "read_split",
     "sft",
     "sft_response",
     "suite_corpus",

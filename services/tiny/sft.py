@@ -11,42 +11,25 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from harpo_core.data import load_prompts
 from harpo_core.rewards.parsing import extract_boxed, follows_format, normalize_answer
+from services.chat import render_prompts, tokenize_prompts
 
 from .tasks import sft_response
 
 IGNORE_INDEX = -100
 
 
-def read_split(data_dir: str | Path, split: str) -> list[dict]:
-    """All rows of ``data_dir/{split}-*.parquet`` as dicts."""
-    rows: list[dict] = []
-    for shard in sorted(Path(data_dir).glob(f"{split}-*.parquet")):
-        rows += pq.read_table(shard).to_pylist()
-    if not rows:
-        raise FileNotFoundError(f"no {split} shards in {data_dir}")
-    return rows
-
-
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _encode_example(tokenizer, row: dict, max_length: int) -> tuple[list[int], list[int]]:
-    prompt = _prompt_ids(tokenizer, row["prompt"])
-    target = sft_response(row["answer"], row["task"]) + tokenizer.eos_token
+def _encode_example(tokenizer, prompt: list[int], answer: str, task: str, max_length: int
+                    ) -> tuple[list[int], list[int]]:
+    target = sft_response(answer, task) + tokenizer.eos_token
     response = tokenizer(target, add_special_tokens=False)["input_ids"]
     prompt = prompt[-max(max_length - len(response), 0):]  # keep the end of long prompts
     ids = (prompt + response)[:max_length]
@@ -119,7 +102,11 @@ def sft(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
-    examples = [_encode_example(tokenizer, r, max_length) for r in read_split(data_dir, "train")]
+    data = load_prompts(data_dir, "train")
+    prompt_ids = tokenize_prompts(tokenizer, data.prompts)
+    tasks = [data.task_names[c] for c in data.task_codes]
+    examples = [_encode_example(tokenizer, ids, answer, task, max_length)
+                for ids, answer, task in zip(prompt_ids, data.answers, tasks)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
                                   betas=(0.9, 0.98))
 
@@ -185,27 +172,22 @@ def greedy_eval(
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for row in read_split(data_dir, split):
-        if n_per_task is None or len(by_task[row["task"]]) < n_per_task:
-            by_task[row["task"]].append(row)
-
+    data = load_prompts(data_dir, split)
     report: dict[str, dict[str, float]] = {}
-    for task, rows in by_task.items():
+    for code, task in enumerate(data.task_names):
+        rows = data.indices_of_task(code)[:n_per_task]
         correct = formatted = 0
         for b in range(0, len(rows), batch_size):
             chunk = rows[b : b + batch_size]
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                   add_generation_prompt=True, tokenize=False)
-                     for r in chunk]
+            texts = render_prompts(tokenizer, [data.prompts[i] for i in chunk])
             enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
             completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                  skip_special_tokens=True)
-            for row, text in zip(chunk, completions):
+            for i, text in zip(chunk, completions):
                 formatted += follows_format(text)
                 boxed = extract_boxed(text)
-                expected = normalize_answer(row["answer"])
+                expected = normalize_answer(data.answers[i])
                 correct += boxed is not None and normalize_answer(boxed) == expected
         report[task] = {"accuracy": correct / len(rows), "format": formatted / len(rows),
                         "n": len(rows)}

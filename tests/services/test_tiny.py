@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from harpo_core.data import load_prompts  # noqa: E402
 from harpo_core.rewards.parsing import extract_boxed, follows_format  # noqa: E402
 from services.tiny import (  # noqa: E402
     SUITE,
@@ -17,7 +18,6 @@ from services.tiny import (  # noqa: E402
     generate_examples,
     greedy_eval,
     init_tiny,
-    read_split,
     sft,
     sft_response,
     suite_corpus,
@@ -66,7 +66,7 @@ def test_write_suite_shards_and_manifest(tmp_path):
     manifest = json.loads((tmp_path / "suite.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == list(SUITE)
     assert all(t["n_train"] == 7 and t["n_test"] == 3 for t in manifest["tasks"])
-    train_prompts = {r["prompt"] for r in read_split(tmp_path, "train")}
+    train_prompts = set(load_prompts(tmp_path, "train").prompts)
     assert len(train_prompts) > 1
 
 
