@@ -74,6 +74,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -289,21 +290,18 @@ def build_tiny(out_dir: str, *, n_prompts: int = 256, seed: int = 0) -> tuple[st
     Prompts are drawn round-robin from every task of the synthetic suite and formatted with the
     model's ChatML template (user turn + assistant generation prompt), as harpo's pipeline does.
     """
-    from services.tiny.model import build_tiny_model, train_tokenizer
-    from services.tiny.tasks import SUITE, generate_examples, suite_corpus
+    from transformers import AutoTokenizer
 
-    tokenizer = train_tokenizer(suite_corpus(seed=seed), vocab_size=512)
-    model_dir = str(build_tiny_model(out_dir, tokenizer, seed=seed))
-    per_task = -(-n_prompts // len(SUITE))
-    by_task = [generate_examples(t, per_task, seed + i) for i, t in enumerate(SUITE.values())]
-    raw = [rows[j]["prompt"] for j in range(per_task) for rows in by_task][:n_prompts]
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in raw
-    ]
-    return model_dir, prompts
+    from harpo_core.data import load_prompts
+    from services.chat import render_prompts
+    from services.tiny.model import init_tiny
+
+    data = load_prompts(init_tiny(out_dir, seed=seed).data_dir, "train")
+    per_task = -(-n_prompts // len(data.task_names))
+    by_task = [data.indices_of_task(c)[:per_task] for c in range(len(data.task_names))]
+    raw = [data.prompts[rows[j]] for j in range(per_task) for rows in by_task][:n_prompts]
+    model_dir = str(Path(out_dir) / "model")
+    return model_dir, render_prompts(AutoTokenizer.from_pretrained(model_dir), raw)
 
 
 def main(argv: list[str] | None = None) -> dict:
