@@ -64,6 +64,14 @@ def check_prompt_lengths(token_ids: list[list[int]], limit: int, split: str) -> 
         )
 
 
+def per_task_means(codes: np.ndarray, values: np.ndarray, names: tuple[str, ...]
+                   ) -> dict[str, float]:
+    """Mean of ``values`` for each task present in ``codes`` (NaN counts as 0)."""
+    count = np.bincount(codes, minlength=len(names))
+    sums = np.bincount(codes, weights=np.nan_to_num(values), minlength=len(names))
+    return {n: float(s / c) for n, s, c in zip(names, sums, count) if c}
+
+
 @dataclass
 class StepResult:
     metrics: dict
@@ -79,6 +87,7 @@ class Trainer:
         self.run_dir = RunDir(config.run.output_dir)
         self.step = 0  # steps completed
         self.version = 0  # policy version the rollout workers serve
+        self._eval_cache = None  # (split, prompt set, picked rows, token ids)
         model_dir = str(config.model.path)
         checkpoint = None
         if resume:
@@ -270,13 +279,10 @@ class Trainer:
         names = self.train_set.task_names
         codes = summary["task_code"]
         count = np.bincount(codes, minlength=len(names))
-        present = count > 0
 
         def per_task(values):
-            sums = np.bincount(codes, weights=values, minlength=len(names))
-            return {n: float(s / c) for n, s, c, p in zip(names, sums, count, present) if p}
+            return per_task_means(codes, values, names)
 
-        accuracy = np.nan_to_num(summary["accuracy"], nan=0.0)
         n = codes.size
         tokens = float(summary["response_length"].sum())
         row = {
@@ -285,7 +291,7 @@ class Trainer:
             "rollouts": n,
             "reward": per_task(summary["reward"]),
             "reward_mean": float(summary["reward"].mean()),
-            "accuracy": per_task(accuracy),
+            "accuracy": per_task(summary["accuracy"]),
             "format": per_task(summary["reward_format"]),
             "batch_share": {k: v for k, v in zip(names, (count / n).tolist()) if v > 0},
             "advantage_abs_mean": per_task(np.abs(advantages)),
@@ -358,7 +364,7 @@ class Trainer:
         cfg = self.config
         split = split or cfg.data.eval_split
         per_task = per_task or cfg.data.eval_prompts_per_task
-        if not hasattr(self, "_eval_cache") or self._eval_cache[0] != split:
+        if self._eval_cache is None or self._eval_cache[0] != split:
             prompt_set = self._load_split(split)
             picks = np.concatenate([prompt_set.indices_of_task(c)[:per_task]
                                     for c in range(len(prompt_set.task_names))])
@@ -372,15 +378,9 @@ class Trainer:
         greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
         requests = self._requests(self.step, picks, prompt_set, token_ids, "eval")
         _, summary, _ = self._rollout(requests, greedy)
-        names = prompt_set.task_names
-        codes = summary["task_code"]
-        count = np.bincount(codes, minlength=len(names))
-        result = {}
-        for metric in ("reward", "accuracy", "reward_format"):
-            sums = np.bincount(codes, weights=np.nan_to_num(summary[metric]),
-                               minlength=len(names))
-            result[metric] = {n: float(s / c) for n, s, c in zip(names, sums, count) if c}
-        return result
+        return {metric: per_task_means(summary["task_code"], summary[metric],
+                                       prompt_set.task_names)
+                for metric in ("reward", "accuracy", "reward_format")}
 
     def final_task_factors(self) -> dict[str, float]:
         return {} if self.modulator is None else ray.get(self.modulator.task_factors.remote())

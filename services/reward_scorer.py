@@ -15,10 +15,10 @@ from harpo_core.schema import with_rewards
 SUMMARY_COLUMNS = ("prompt_index", "group_id", "task_code", "policy_version")
 
 
-def summarize(batch: pa.RecordBatch, rewards: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def summarize(batch: pa.RecordBatch, rewards: dict[str, np.ndarray],
+              lengths: np.ndarray) -> dict[str, np.ndarray]:
     out = {name: batch.column(name).to_numpy() for name in SUMMARY_COLUMNS}
     out.update(rewards)
-    lengths = np.diff(batch.column("response_ids").offsets.to_numpy())
     out["response_length"] = lengths
     out["stopped"] = np.asarray(batch.column("finish_reason").to_pylist()) == "stop"
     return out
@@ -55,4 +55,4 @@ class RewardScorer:
             "accuracy": result.accuracy,
         }
         self.scored += batch.num_rows
-        return with_rewards(batch, rewards), summarize(batch, rewards)
+        return with_rewards(batch, rewards), summarize(batch, rewards, lengths)
