@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -82,4 +82,4 @@ class HFBackend:
                           lengths=lengths, stopped=stopped)
 
     def shutdown(self) -> None:
-        pass
+        """Nothing to release: the model is ordinary process memory."""
