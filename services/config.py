@@ -54,6 +54,18 @@ class DataSection(_Section):
     task_type_column: str = "task_type"
 
 
+class VLLMSection(_Section):
+    """Engine settings of the vLLM backend (``rollout.backend: vllm``)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tensor_parallel_size: PositiveInt = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    kv_cache_memory_mb: PositiveInt | None = 256  # fixed KV cache size (required on CPU)
+    max_model_len: PositiveInt | None = None  # None: max_prompt_tokens + max_new_tokens
+    enforce_eager: bool = True
+    compile_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for the engine
+
+
 class RolloutSection(_Section):
     backend: Literal["hf", "vllm"] = "hf"
     workers: PositiveInt = 2
@@ -61,9 +73,12 @@ class RolloutSection(_Section):
     max_new_tokens: PositiveInt = 64
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: list[str] = Field(default_factory=list)  # extra stop strings
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per worker
     torch_threads: PositiveInt = 1
+    vllm: VLLMSection = Field(default_factory=VLLMSection)
 
 
 class RewardSection(_Section):
@@ -74,6 +89,7 @@ class RewardSection(_Section):
     qa_accuracy_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.75
     custom: dict[str, str] = Field(default_factory=dict)  # task type -> "module:function"
     cpus_per_scorer: Annotated[float, Field(gt=0.0)] = 0.5
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per scorer
     torch_threads: PositiveInt = 1
 
 
@@ -134,11 +150,36 @@ class LearnerSection(_Section):
     logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] = 1e-3
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per learner
     torch_threads: PositiveInt = 1
+
+
+Port = Annotated[int, Field(ge=0, le=65535)]
 
 
 class ObservabilitySection(_Section):
     progress: Literal["auto", "always", "never"] = "auto"
+    # Prometheus endpoint of the job (served by the driver); null: off, 0: any free port.
+    # The bound address is written to RUN_DIR/endpoints.json.
+    metrics_host: str = "0.0.0.0"
+    metrics_port: Port | None = 9400
+
+
+class ControlSection(_Section):
+    """The gRPC control API (status, modulator, scale, checkpoint, pause/resume, stop)."""
+
+    host: str = "127.0.0.1"  # anything but loopback requires a token
+    port: Port | None = 50051  # null: off, 0: any free port
+    token_file: Path | None = None
+    token_env: str = "HARPO_CONTROL_TOKEN"  # read when token_file is not set
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("control.tls_cert and control.tls_key must be given together")
+        return self
 
 
 class TrainConfig(_Section):
@@ -150,6 +191,7 @@ class TrainConfig(_Section):
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
     learner: LearnerSection = Field(default_factory=LearnerSection)
     observability: ObservabilitySection = Field(default_factory=ObservabilitySection)
+    control: ControlSection = Field(default_factory=ControlSection)
 
     @model_validator(mode="after")
     def _cross_checks(self):
