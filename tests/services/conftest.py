@@ -40,7 +40,9 @@ def tiny_config(assets, run_dir, **sections):
         "rollout": {"workers": 2, "group_size": 4, "max_new_tokens": 12},
         "reward": {"scorers": 2},
         "learner": {"workers": 1, "mini_batch_prompts": 2, "lr": 1e-3},
-        "observability": {"progress": "never"},
+        # endpoints off unless a test asks for them (0 would pick free ports)
+        "observability": {"progress": "never", "metrics_port": None},
+        "control": {"port": None},
     }
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
