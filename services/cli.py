@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -45,9 +46,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _load_train_config(args: argparse.Namespace):
-    from services.config import load_config
+    from services.config import load_config, load_config_text
 
     overrides = dict(args.set or [])
+    if getattr(args, "config_env", None):
+        if args.config or args.resume:
+            raise ValueError("--config-env replaces CONFIG and --resume; give only one")
+        from services.jobs import config_from_env
+
+        text = config_from_env(args.config_env)
+        return load_config_text(text, f"${args.config_env}", Path.cwd(), overrides)
     if args.resume:
         run_config = Path(args.resume) / "config.yaml"
         if args.config:
@@ -68,8 +76,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     connect(args.address)
     from services.controller import Trainer
+    from services.run_dir import RunDir
 
-    trainer = Trainer(config, resume=bool(args.resume))
+    resume = bool(args.resume) or (
+        getattr(args, "config_env", None) is not None
+        and RunDir(config.run.output_dir).latest_valid_checkpoint() is not None)
+    trainer = Trainer(config, resume=resume)
+    # SIGTERM (a Kubernetes pod eviction, `ray job stop`) stops gracefully: the step in
+    # flight finishes and a checkpoint is written, as with `harpo stop`.
+    signal.signal(signal.SIGTERM, lambda *_: trainer.control.request_stop())
+    for name, address in trainer.endpoints.items():
+        print(f"{name} endpoint: {address}", flush=True)
     try:
         rows = trainer.run()
     finally:
@@ -92,6 +109,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     connect(args.address)
     from services.controller import Trainer
 
+    config = config.model_copy(update={
+        "observability": config.observability.model_copy(update={"metrics_port": None}),
+        "control": config.control.model_copy(update={"port": None}),
+    })
     trainer = Trainer(config, resume=bool(args.resume))
     try:
         result = trainer.evaluate(split=args.split, per_task=args.per_task)
@@ -99,6 +120,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         trainer.shutdown()
     print(json.dumps(result, indent=1, sort_keys=True))
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from services import jobs
+
+    config = _load_train_config(args)  # validated here, before the cluster spends anything
+    job = jobs.submit(config, args.address, working_dir=args.working_dir, job_id=args.job_id)
+    print(f"submitted job {job} to {jobs.dashboard_address(args.address)}", flush=True)
+    if not args.follow:
+        print(f"follow it with: harpo logs {job} --address {jobs.dashboard_address(args.address)}")
+        return 0
+    state = jobs.follow(job, args.address)
+    print(f"job {job}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from services import jobs
+
+    if not args.follow:
+        sys.stdout.write(jobs.logs(args.job, args.address))
+        print(f"job {args.job}: {jobs.status(args.job, args.address)}")
+        return 0
+    state = jobs.follow(args.job, args.address)
+    print(f"job {args.job}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -143,11 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
         p.add_argument("--set", action="append", type=_override, metavar="SECTION.FIELD=VALUE",
                        help="override a config field, e.g. --set run.steps=50 (repeatable)")
+        p.add_argument("--config-env", metavar="VAR", help=argparse.SUPPRESS)  # harpo submit
 
     p = sub.add_parser("train", help="train with a YAML config",
                        description="Train with a YAML config on embedded Ray or a cluster.")
     add_run_args(p)
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Jobs API)",
+                       description="Validate CONFIG here, then run `harpo train` on a Ray "
+                                   "cluster through its Job Submission API.")
+    p.add_argument("config", help="YAML run configuration (paths in it are cluster paths)")
+    p.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS or "
+                                     "http://127.0.0.1:8265)")
+    p.add_argument("--working-dir", help="a local directory to ship with the job")
+    p.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    p.add_argument("--set", action="append", type=_override, metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (repeatable)")
+    p.set_defaults(fn=_cmd_submit, resume=None, config_env=None)
+
+    p = sub.add_parser("logs", help="print (or --follow) a submitted job's logs")
+    p.add_argument("job", help="job id printed by harpo submit")
+    p.add_argument("--address", help="Ray dashboard address")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    p.set_defaults(fn=_cmd_logs)
 
     p = sub.add_parser("eval", help="held-out reward per task of a config's model or a run",
                        description="Greedy held-out evaluation, per task.")
@@ -191,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--zero-signal", choices=["exclude", "floor"], default="exclude")
         p.set_defaults(fn=_cmd_simulate)
+
+    from services.control.cli import add_parsers  # status, modulator, scale, ..., stop
+
+    add_parsers(sub)
     return parser
 
 

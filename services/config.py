@@ -32,6 +32,8 @@ class RunSection(_Section):
     checkpoint_every: Annotated[int, Field(ge=0)] = 10  # 0: only at the end
     eval_every: Annotated[int, Field(ge=0)] = 0  # 0: never during the run
     keep_checkpoints: PositiveInt = 2
+    # Automatic restarts from the last checkpoint after a learner failure (0: fail at once).
+    max_restarts: Annotated[int, Field(ge=0)] = 3
 
 
 class ModelSection(_Section):
@@ -66,9 +68,37 @@ class VLLMSection(_Section):
     compile_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for the engine
 
 
+class AutoscaleSection(_Section):
+    """Grow or shrink the rollout pool between steps by the share of step time spent generating.
+
+    After each step: if generation took more than ``target_generate_share + tolerance`` of the
+    step, one worker is added (up to ``max_workers``); below ``target - tolerance`` one is
+    removed (down to ``min_workers``); then nothing changes for ``cooldown_steps`` steps.
+    """
+
+    enabled: bool = False
+    min_workers: PositiveInt = 1
+    max_workers: PositiveInt = 8
+    target_generate_share: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.6
+    tolerance: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    cooldown_steps: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must not exceed max_workers "
+                             f"({self.max_workers})")
+        return self
+
+
 class RolloutSection(_Section):
     backend: Literal["hf", "vllm"] = "hf"
     workers: PositiveInt = 2
+    # Prompts per generation request; null: prompts_per_step / workers (rounded up) at start.
+    # Fixed for a run, so a request's prompts and seed never depend on the live worker count.
+    prompts_per_request: PositiveInt | None = None
+    request_retries: Annotated[int, Field(ge=0)] = 3  # re-issues of a request after actor loss
+    autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
     group_size: Annotated[int, Field(ge=2)] = 5
     max_new_tokens: PositiveInt = 64
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
@@ -257,17 +287,22 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    # Relative paths in a config file are relative to the file.
+    return load_config_text(path.read_text(), str(path), path.parent, overrides)
+
+
+def load_config_text(text: str, source: str, base: Path, overrides: dict | None = None
+                     ) -> TrainConfig:
+    """Validate YAML text; relative paths in it are taken relative to ``base``."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{source} must hold a mapping of sections, got {type(data).__name__}")
     for key, value in (overrides or {}).items():
         _merge(data, key, value)
-    config = parse_config(data, source=str(path))
-    # Relative paths in a config file are relative to the file.
-    base = path.parent
+    config = parse_config(data, source=source)
     updates = {}
     if not config.model.path.is_absolute():
         updates["model"] = config.model.model_copy(update={"path": base / config.model.path})

@@ -19,11 +19,13 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import AutoConfig, AutoTokenizer
 
 from harpo_core import GroupModulation, GroupStats, HarpoConfig, make_estimator
@@ -32,15 +34,19 @@ from harpo_core.data import DataColumns, PromptSet, TaskStratifiedSampler, load_
 from harpo_core.estimators import grpo
 from services.chat import tokenize_prompts
 from services.config import TrainConfig
-from services.learner import LearnerGroup
+from services.learner import LearnerFailure, LearnerGroup
 from services.modulator_actor import ModulatorService, modulator_name
 from services.progress import StepProgress
 from services.reward_scorer import RewardScorer
 from services.rollout.backend import SamplingParams
+from services.rollout.pool import RolloutPool
 from services.rollout.worker import RolloutRequest, RolloutWorker
 from services.run_dir import RunDir, write_json
+from services.trainer_control import TrainerControl
 
 log = logging.getLogger(__name__)
+
+MODULATOR_STATE = "modulator-live.json"  # the modulator's state after its last update
 
 
 class DataError(ValueError):
@@ -85,23 +91,41 @@ class Trainer:
         config = config.with_absolute_paths()
         self.config = config
         self.run_dir = RunDir(config.run.output_dir)
-        self.step = 0  # steps completed
-        self.version = 0  # policy version the rollout workers serve
-        self._eval_cache = None  # (split, prompt set, picked rows, token ids)
-        model_dir = str(config.model.path)
+        self.restarts: Counter[str] = Counter()  # actor replacements and job restarts, by role
+        self.weight_sync_failures = 0
+        self.metrics = None  # Prometheus exporter (observability.metrics_port)
+        self.control = TrainerControl(self)
+        self._control_server = None
         checkpoint = None
         if resume:
             checkpoint = self.run_dir.latest_valid_checkpoint()
             if checkpoint is None:
                 raise FileNotFoundError(
                     f"no valid checkpoint under {self.run_dir.checkpoints} to resume from")
+        self._setup(checkpoint, fresh_run=not resume)
+        try:
+            self._start_endpoints()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _setup(self, checkpoint: Path | None, *, fresh_run: bool) -> None:
+        """Everything a run holds between steps, from the model directory or a checkpoint."""
+        config = self.config
+        self.step = 0  # steps completed
+        self.version = 0  # policy version the rollout workers serve
+        self._eval_cache = None  # (split, prompt set, picked rows, token ids)
+        model_dir = str(config.model.path)
+        trainer_state = None
+        if checkpoint is not None:
             trainer_state = json.loads((checkpoint / "trainer.json").read_text())
             self.step, self.version = trainer_state["completed_steps"], trainer_state["version"]
             model_dir = str(checkpoint / "model")
         self._check_model(model_dir)
         self.run_dir.create()
-        if not resume:
+        if fresh_run:
             self.run_dir.config_path.write_text(config.to_yaml())
+        if checkpoint is None:
             if self.run_dir.metrics_path.exists():
                 self.run_dir.metrics_path.unlink()
         else:
@@ -123,6 +147,8 @@ class Trainer:
             self.sampler.load_state_dict(json.loads((checkpoint / "sampler.json").read_text()))
             if self.estimator is not None:
                 self.estimator.load_state_dict(trainer_state["estimator"])
+        self.last_modulation = None
+        self._cooldown = 0
         self._start_actors(model_dir, checkpoint)
 
     # ------------------------------------------------------------------ set-up
@@ -149,23 +175,43 @@ class Trainer:
         return load_prompts(d.path, split, columns=columns, tasks=d.tasks,
                             task_types_allowed=allowed)
 
+    def _backend_options(self) -> dict:
+        cfg = self.config
+        if cfg.rollout.backend != "vllm":
+            return {}
+        options = cfg.rollout.vllm.model_dump(mode="json")
+        if options["max_model_len"] is None:
+            options["max_model_len"] = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+        return options
+
     def _start_actors(self, model_dir: str, checkpoint: Path | None) -> None:
         cfg = self.config
         self.sampling = SamplingParams(n=cfg.rollout.group_size,
                                        max_new_tokens=cfg.rollout.max_new_tokens,
-                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-        self.workers = [
-            RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker,
-                                  num_gpus=cfg.rollout.gpus_per_worker).remote(
-                f"rollout-{i}", cfg.rollout.backend, model_dir, self.sampling,
-                cfg.rollout.torch_threads, None, self.version)
-            for i in range(cfg.rollout.workers)
-        ]
-        self.scorers = [
-            RewardScorer.options(num_cpus=cfg.reward.cpus_per_scorer).remote(
-                cfg.reward_config(), cfg.reward.torch_threads)
-            for _ in range(cfg.reward.scorers)
-        ]
+                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       stop=tuple(cfg.rollout.stop))
+        base_version = self.version  # the weights in model_dir
+        options = self._backend_options()
+
+        def make_worker(name: str):
+            return RolloutWorker.options(
+                num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
+                resources=dict(cfg.rollout.resources) or None,
+            ).remote(name, cfg.rollout.backend, model_dir, self.sampling,
+                     cfg.rollout.torch_threads, options, base_version)
+
+        def make_scorer(name: str):
+            return RewardScorer.options(
+                num_cpus=cfg.reward.cpus_per_scorer, resources=dict(cfg.reward.resources) or None,
+            ).remote(cfg.reward_config(), cfg.reward.torch_threads)
+
+        self.pool = RolloutPool(make_worker, make_scorer, workers=cfg.rollout.workers,
+                                scorers=cfg.reward.scorers, version=base_version,
+                                max_retries=cfg.rollout.request_retries,
+                                on_restart=self._count_restart,
+                                on_queue_depth=self._queue_depth)
+        self.chunk_prompts = cfg.rollout.prompts_per_request or -(
+            -cfg.data.prompts_per_step // cfg.rollout.workers)
         self.modulator = None
         if cfg.algorithm.estimator == "harpo":
             state = None
@@ -174,8 +220,15 @@ class Trainer:
             harpo = HarpoConfig(**cfg.algorithm.harpo.model_dump())
             # one name per run directory: stable across restarts, distinct between runs
             run_key = f"{cfg.run.name}-{derive_seed(str(cfg.run.output_dir)) % 10**8:08d}"
-            self.modulator = ModulatorService.options(name=modulator_name(run_key)).remote(
-                harpo, state)
+            # On the driver's node, so that its state file is the run directory's; Ray
+            # restarts it after a crash and it reloads that file (see modulator_actor).
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                  soft=False)
+            self.modulator = ModulatorService.options(
+                name=modulator_name(run_key), max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy=here,
+            ).remote(harpo, state, str(self.run_dir.root / MODULATOR_STATE))
+            ray.get(self.modulator.ready.remote())
         learner = cfg.learner
         core_kwargs = dict(
             mini_batch_size=learner.mini_batch_prompts * cfg.rollout.group_size,
@@ -185,22 +238,68 @@ class Trainer:
             clip_low=learner.clip_low, clip_high=learner.clip_high,
             aggregation=learner.aggregation, kl_coef=learner.kl_coef,
             kl_estimator=learner.kl_estimator, use_reference=learner.kl_coef > 0,
-            seed=cfg.run.seed,
+            seed=cfg.run.seed, logprob_tolerance=learner.logprob_mismatch_tolerance,
         )
         self.learners = LearnerGroup(learner.workers, model_dir, core_kwargs,
                                      cpus=learner.cpus_per_worker, gpus=learner.gpus_per_worker,
+                                     resources=dict(learner.resources),
                                      torch_threads=learner.torch_threads, version=self.version)
         if checkpoint is not None:
             self.learners.load(str(checkpoint / "model"), self.version)
-        ray.get([w.ready.remote() for w in self.workers] +
-                [s.ready.remote() for s in self.scorers])
+
+    def _count_restart(self, role: str) -> None:
+        self.restarts[role] += 1
+        if self.metrics is not None:
+            self.metrics.record_restart(role)
+
+    def _queue_depth(self, depth: int) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(depth)
+
+    def _start_endpoints(self) -> None:
+        """The Prometheus endpoint and the gRPC control API; their addresses go to
+        RUN_DIR/endpoints.json, where the ``harpo status`` family of commands looks."""
+        cfg = self.config
+        endpoints = {}
+        obs = cfg.observability
+        if obs.metrics_port is not None:
+            from services.metrics import MetricsExporter
+
+            self.metrics = MetricsExporter(job=cfg.run.name)
+            port = self.metrics.start(obs.metrics_host, obs.metrics_port)
+            endpoints["metrics"] = f"http://{_advertised(obs.metrics_host)}:{port}/metrics"
+            self.metrics.set_rollout_workers(len(self.pool.workers))
+            self.metrics.set_staleness(0)
+        ctl = cfg.control
+        if ctl.port is not None:
+            from services.control.server import ControlServer, resolve_token
+
+            token = resolve_token(ctl.token_file, ctl.token_env)
+            self._control_server = ControlServer(
+                self.control, ctl.host, ctl.port, token=token,
+                tls_cert=ctl.tls_cert, tls_key=ctl.tls_key)
+            port = self._control_server.start()
+            endpoints["control"] = f"{_advertised(ctl.host)}:{port}"
+        self.endpoints = endpoints
+        write_json(self.run_dir.root / "endpoints.json", endpoints)
+        for name, address in endpoints.items():
+            log.info("%s endpoint: %s", name, address)
+
+    def scale_rollouts(self, workers: int) -> int:
+        """Resize the rollout pool now (between steps); returns the previous size."""
+        previous = self.pool.scale(workers)
+        if self.metrics is not None:
+            self.metrics.set_rollout_workers(len(self.pool.workers))
+        return previous
 
     # ------------------------------------------------------------------ one step
 
     def _requests(self, step: int, indices: np.ndarray, prompt_set: PromptSet,
                   token_ids: list[list[int]], seed_tag: str) -> list[RolloutRequest]:
-        """Split a step's prompts into one contiguous chunk per rollout worker."""
-        chunks = [c for c in np.array_split(np.arange(indices.size), len(self.workers)) if c.size]
+        """Cut a step's prompts into requests of ``chunk_prompts`` (the last may be smaller)."""
+        positions = np.arange(indices.size)
+        chunks = [positions[i:i + self.chunk_prompts]
+                  for i in range(0, indices.size, self.chunk_prompts)]
         return [
             RolloutRequest(
                 step=step,
@@ -217,22 +316,9 @@ class Trainer:
             for k, c in enumerate(chunks)
         ]
 
-    def _rollout(self, requests: list[RolloutRequest], params: SamplingParams | None = None):
-        """Generate and score; returns (scored batch refs, merged summary, stage times)."""
-        t0 = time.perf_counter()
-        generated = [self.workers[k % len(self.workers)].generate.remote(r, params)
-                     for k, r in enumerate(requests)]
-        scored = [self.scorers[k % len(self.scorers)].score.remote(ref)
-                  for k, ref in enumerate(generated)]
-        ray.wait(generated, num_returns=len(generated))
-        t1 = time.perf_counter()
-        summaries = ray.get([s[1] for s in scored])
-        t2 = time.perf_counter()
-        merged = {k: np.concatenate([s[k] for s in summaries]) for k in summaries[0]}
-        return [s[0] for s in scored], merged, {"generate_s": t1 - t0, "score_s": t2 - t1}
-
     def _advantages(self, step: int, summary: dict) -> tuple[np.ndarray, GroupModulation | None]:
         names = self.train_set.task_names
+        self._group_tasks = None  # task of each group, in the modulator's group order
         if self.modulator is None:
             out = self.estimator.compute(summary["reward"], summary["group_id"],
                                          summary["task_code"], step=step, task_names=names)
@@ -242,6 +328,7 @@ class Trainer:
                                    task_names=names)
         base = grpo(batch, eps=alg.eps, std_ddof=alg.std_ddof)
         stats = GroupStats.from_batch(batch, base)
+        self._group_tasks = np.asarray(batch.task_names, dtype=object)[batch.group_task].tolist()
         mod = GroupModulation.from_dict(ray.get(self.modulator.update.remote(step, stats)))
         factor = batch.groups.broadcast(mod.sample_factors * mod.group_task_factors)
         return base * factor, mod
@@ -252,26 +339,30 @@ class Trainer:
         t_start = time.perf_counter()
         indices = self.sampler.next_batch(cfg.data.prompts_per_step)
         requests = self._requests(step, indices, self.train_set, self.train_ids, "train")
-        refs, summary, times = self._rollout(requests)
+        rollouts = self.pool.run(requests)
+        summary, times = rollouts.summary, dict(rollouts.times)
         t0 = time.perf_counter()
         advantages, modulation = self._advantages(step, summary)
         times["modulate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        learner_metrics = self.learners.update(step, refs, advantages, self.pad_id)
+        learner_metrics = self.learners.update(step, rollouts.refs, advantages, self.pad_id)
         times["learn_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         weights = self.learners.weights_ref()
         self.version += 1
-        load_times = ray.get([w.set_weights.remote(self.version, weights) for w in self.workers])
+        sync = self.pool.sync(self.version, weights)
+        self.weight_sync_failures += sync.failures
         times["sync_s"] = time.perf_counter() - t0
         times["step_s"] = time.perf_counter() - t_start
         self.step += 1
         metrics = self._step_metrics(step, summary, advantages, modulation, learner_metrics,
-                                     times, max(load_times))
-        tolerance = cfg.learner.logprob_mismatch_tolerance
-        if learner_metrics.get("logprob_mismatch_max", 0.0) > tolerance:
-            log.warning("step %d: rollout/learner log-prob mismatch %.2e exceeds %.0e", step,
-                        learner_metrics["logprob_mismatch_max"], tolerance)
+                                     times, max(sync.seconds.values(), default=0.0))
+        if self.metrics is not None:
+            self.metrics.record_step(metrics, modulation, self._group_tasks)
+            self.metrics.record_weight_sync(times["sync_s"], ok=sync.failures == 0)
+            for worker, seconds in sync.seconds.items():
+                self.metrics.record_worker(worker, rollouts.per_worker.get(worker, 0), seconds)
+        self.last_modulation = modulation
         return StepResult(metrics, modulation)
 
     def _step_metrics(self, step, summary, advantages, modulation, learner, times,
@@ -298,6 +389,9 @@ class Trainer:
             "response_length": float(summary["response_length"].mean()),
             "stop_fraction": float(summary["stopped"].mean()),
             "rollouts_per_s": n / times["step_s"],
+            "rollout_workers": len(self.pool.workers),
+            "restarts": dict(self.restarts),
+            "weight_sync_failures": self.weight_sync_failures,
             "tokens_per_s": tokens / times["step_s"],
             "timing": {**times, "weight_load_s": weight_load_s,
                        "learner_fetch_s": learner.get("fetch_s", 0.0),
@@ -321,25 +415,87 @@ class Trainer:
     # ------------------------------------------------------------------ loop, eval, checkpoint
 
     def run(self, steps: int | None = None) -> list[dict]:
-        """Train until ``run.steps`` (or ``steps`` more); returns the metric rows written."""
+        """Train until ``run.steps`` (or ``steps`` more); returns the metric rows written.
+
+        Between steps the loop serves control commands (pause, checkpoint, scale, stop) and
+        the autoscaling policy. A learner failure restarts the job from the last valid
+        checkpoint, up to ``run.max_restarts`` times; steps after that checkpoint run again
+        exactly as they would have (same prompts, same seeds), and their metric rows replace
+        the lost ones.
+        """
         cfg = self.config
         end = cfg.run.steps if steps is None else min(cfg.run.steps, self.step + steps)
         progress = StepProgress(cfg.run.steps, self.step, cfg.observability.progress)
         rows = []
+        self.control.set_state("running")
         try:
             while self.step < end:
-                result = self.train_step()
+                self.control.serve()
+                if self.control.stop_requested:
+                    break
+                try:
+                    result = self.train_step()
+                except LearnerFailure as exc:
+                    self._restart_after(exc)
+                    rows = [r for r in rows if r["step"] < self.step]
+                    continue
                 self.run_dir.append_metrics(result.metrics)
                 rows.append(result.metrics)
                 m = result.metrics
+                self.control.after_step(m, result.modulation)
                 progress.update(m["step"], f"reward {m['reward_mean']:.3f} "
                                            f"{m['rollouts_per_s']:.0f} rollouts/s")
                 every = cfg.run.checkpoint_every
                 if (every and self.step % every == 0) or self.step == cfg.run.steps:
                     self.checkpoint()
+                self._autoscale(m["timing"])
+            if self.control.stop_requested and self.step < cfg.run.steps:
+                self.control.stopped(self.checkpoint())
+        except BaseException:
+            self.control.set_state("failed")
+            raise
         finally:
             progress.close()
+        self.control.finish()
         return rows
+
+    def _restart_after(self, failure: Exception) -> None:
+        """Rebuild every actor from the last valid checkpoint (or from scratch)."""
+        cfg = self.config
+        if self.restarts["job"] >= cfg.run.max_restarts:
+            raise RuntimeError(
+                f"learner failure after {self.restarts['job']} automatic restart(s) "
+                f"(run.max_restarts = {cfg.run.max_restarts}): {failure}") from failure
+        checkpoint = self.run_dir.latest_valid_checkpoint()
+        where = f"checkpoint {checkpoint.name}" if checkpoint else "the start (no checkpoint yet)"
+        log.warning("learner failure at step %d (%s); restarting from %s", self.step, failure,
+                    where)
+        self._teardown_actors()
+        self._count_restart("learner")
+        self.restarts["job"] += 1
+        self._setup(checkpoint, fresh_run=False)
+        if self.metrics is not None:
+            self.metrics.set_rollout_workers(len(self.pool.workers))
+
+    def _autoscale(self, timing: dict) -> None:
+        policy = self.config.rollout.autoscale
+        if not policy.enabled:
+            return
+        if self._cooldown > 0:
+            self._cooldown -= 1
+            return
+        share = timing["generate_s"] / max(timing["step_s"], 1e-9)
+        workers = len(self.pool.workers)
+        target = workers
+        if share > policy.target_generate_share + policy.tolerance:
+            target = min(workers + 1, policy.max_workers)
+        elif share < policy.target_generate_share - policy.tolerance:
+            target = max(workers - 1, policy.min_workers)
+        if target != workers:
+            log.info("autoscale: generation took %.0f%% of the step; rollout workers %d -> %d",
+                     100 * share, workers, target)
+            self.scale_rollouts(target)
+            self._cooldown = policy.cooldown_steps
 
     def checkpoint(self) -> Path:
         cfg = self.config
@@ -377,7 +533,7 @@ class Trainer:
         _, prompt_set, picks, token_ids = self._eval_cache
         greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
         requests = self._requests(self.step, picks, prompt_set, token_ids, "eval")
-        _, summary, _ = self._rollout(requests, greedy)
+        summary = self.pool.run(requests, greedy).summary
         return {metric: per_task_means(summary["task_code"], summary[metric],
                                        prompt_set.task_names)
                 for metric in ("reward", "accuracy", "reward_format")}
@@ -388,7 +544,26 @@ class Trainer:
     def modulator_stats(self) -> dict | None:
         return None if self.modulator is None else ray.get(self.modulator.stats.remote())
 
+    def _teardown_actors(self) -> None:
+        for part in (self.pool.shutdown, self.learners.shutdown):
+            try:
+                part()
+            except Exception as exc:  # noqa: BLE001 - tearing down after a failure
+                log.warning("while shutting down: %s", exc)
+        if self.modulator is not None:
+            ray.kill(self.modulator, no_restart=True)
+
     def shutdown(self) -> None:
-        self.learners.shutdown()
-        for actor in [*self.workers, *self.scorers] + ([self.modulator] if self.modulator else []):
-            ray.kill(actor)
+        if getattr(self, "_control_server", None) is not None:
+            self._control_server.stop(grace=1.0)
+            self._control_server = None
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+            self.metrics = None
+        if hasattr(self, "learners"):
+            self._teardown_actors()
+
+
+def _advertised(host: str) -> str:
+    """An address others can reach for a server bound to ``host``."""
+    return ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host

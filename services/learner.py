@@ -22,6 +22,10 @@ from harpo_core.schema import concat, to_learner_tensors
 from services.learner_core import LearnerCore, shard_batch
 
 
+class LearnerFailure(RuntimeError):
+    """A learner process died; the job restarts from its last checkpoint."""
+
+
 class PolicyVersionError(RuntimeError):
     """Rollouts were produced by a policy version the learner did not expect."""
 
@@ -100,14 +104,15 @@ class LearnerGroup:
     """L learners, gang-scheduled, acting as one."""
 
     def __init__(self, world_size: int, model_dir: str, core_kwargs: dict, *,
-                 cpus: float = 1.0, gpus: float = 0.0, torch_threads: int = 1,
-                 version: int = 0):
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+                 cpus: float = 1.0, gpus: float = 0.0, resources: dict | None = None,
+                 torch_threads: int = 1, version: int = 0):
+        resources = dict(resources or {})
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **resources}
         self.pg = placement_group([bundle] * world_size, strategy="PACK")
         ray.get(self.pg.ready())
         self.learners = [
             Learner.options(
-                num_cpus=cpus, num_gpus=gpus,
+                num_cpus=cpus, num_gpus=gpus, resources=resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),
             ).remote(rank, world_size, torch_threads)
@@ -118,9 +123,34 @@ class LearnerGroup:
                  for learner in self.learners])
 
     def update(self, step: int, batch_refs: list, advantages: np.ndarray, pad_id: int) -> dict:
-        results = ray.get([learner.update.remote(step, batch_refs, advantages, pad_id)
-                           for learner in self.learners])
-        return results[0]  # metrics are global (all-reduced) and identical on every rank
+        """One update on every rank; metrics are all-reduced, so rank 0's stand for all.
+
+        Results are collected as they come: when one rank dies, the others may be stuck in a
+        collective waiting for it, so the first death raises :class:`LearnerFailure` at once
+        rather than after the collective's time-out.
+        """
+        refs = [learner.update.remote(step, batch_refs, advantages, pad_id)
+                for learner in self.learners]
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                raise LearnerFailure(f"learner rank {refs.index(ready[0])} died: {exc}") from exc
+            except ray.exceptions.RayTaskError as exc:
+                if self._any_dead():  # a survivor's collective broke because a rank died
+                    raise LearnerFailure(f"a learner died during step {step}") from exc
+                raise
+        return ray.get(refs[0])
+
+    def _any_dead(self) -> bool:
+        for learner in self.learners:
+            try:
+                ray.get(learner.address.remote(), timeout=30)
+            except ray.exceptions.RayActorError:
+                return True
+        return False
 
     def weights_ref(self) -> ray.ObjectRef:
         return self.learners[0].weights.remote()
@@ -134,6 +164,8 @@ class LearnerGroup:
     def shutdown(self) -> None:
         try:
             ray.get([learner.shutdown.remote() for learner in self.learners], timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # a dead or stuck rank: killed below
         finally:
             for learner in self.learners:
                 ray.kill(learner)

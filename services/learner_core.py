@@ -171,6 +171,10 @@ def _validate_args(*, lr, weight_decay, betas, max_grad_norm, warmup_steps, tota
         )
 
 
+class LogprobMismatchError(RuntimeError):
+    """Rollout log-probs and the learner's own disagree beyond tolerance."""
+
+
 class LearnerCore:
     """Policy + optimizer for clipped policy-gradient updates on one rank.
 
@@ -204,6 +208,7 @@ class LearnerCore:
         rank: int = 0,
         world_size: int = 1,
         device: str = "cpu",
+        logprob_tolerance: float | None = None,
     ):
         _validate_args(
             lr=lr, weight_decay=weight_decay, betas=betas, max_grad_norm=max_grad_norm,
@@ -223,6 +228,7 @@ class LearnerCore:
             kl_coef=kl_coef, kl_estimator=kl_estimator,
         )
         self.aggregation = aggregation
+        self.logprob_tolerance = logprob_tolerance
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
@@ -357,6 +363,8 @@ class LearnerCore:
                 loss, stats, logits, logprobs = self._micro_loss(micro, normalizer)
                 (loss * self.world_size).backward()
             self._record_micro(micro, stats, logits, logprobs, loss, totals, measure_mismatch)
+        if measure_mismatch and self.logprob_tolerance is not None:
+            self._check_mismatch(totals["mismatch_max"])
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         totals["steps"] += 1
@@ -368,6 +376,22 @@ class LearnerCore:
         else:  # the same on every rank: gradients were all-reduced before the norm
             totals["skipped_steps"] += 1
             self.optimizer.zero_grad(set_to_none=True)
+
+    def _check_mismatch(self, local_max: float) -> None:
+        """Refuse to step when the rollouts' log-probs are not the policy's (all ranks agree).
+
+        Measured on the first mini-batch, before any optimizer step, so the learner's weights
+        are exactly those the rollout workers were given: a gap here means the sync or the
+        rollout backend is wrong, and training on such rollouts would be silently off-policy.
+        """
+        peak = torch.tensor([local_max], dtype=torch.float64, device=self.device)
+        peak = self._global_sum(peak, dist.ReduceOp.MAX).item()
+        if peak > self.logprob_tolerance:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise LogprobMismatchError(
+                f"rollout log-probs differ from the learner's by up to {peak:.3e} "
+                f"(learner.logprob_mismatch_tolerance = {self.logprob_tolerance:.0e}): the "
+                f"rollout workers do not serve the learner's weights; no update was made")
 
     def _micro_loss(self, micro, normalizer):
         logits = self.train_model(

@@ -3,9 +3,19 @@
 It receives per-group statistics only (``GroupStats``: a task code, a size and a signal per
 prompt), never rollout batches, and answers with the factors. Updates are keyed by step, so a
 controller that retries a step after a failure gets the stored answer instead of a second update.
+
+Restarts: given a ``state_path``, the actor writes its state there (atomically) after every
+update, before answering. Ray restarts a dead modulator with the same constructor arguments;
+the restarted actor sees that it was reconstructed and loads the file, which holds every update
+it ever answered. The caller's retried update is then either applied for the first time or
+answered from the replay cache: never applied twice.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import ray
 
@@ -18,15 +28,33 @@ def modulator_name(run_name: str) -> str:
 
 @ray.remote
 class ModulatorService:
-    def __init__(self, config: HarpoConfig, state: dict | None = None):
+    def __init__(self, config: HarpoConfig, state: dict | None = None,
+                 state_path: str | None = None):
         self.modulator = HarpoModulator(config)
+        self.state_path = Path(state_path) if state_path else None
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.restarted and self.state_path is not None and self.state_path.is_file():
+            state = json.loads(self.state_path.read_text())
         if state is not None:
             self.modulator.load_state_dict(state)
+        self._persist()
         self.largest_message = 0  # rows in the largest statistics message received
+
+    def _persist(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.modulator.state_dict()))
+        os.replace(tmp, self.state_path)
 
     def update(self, step: int, stats: GroupStats) -> dict:
         self.largest_message = max(self.largest_message, int(stats.size.size))
-        return self.modulator.update_groups(step, stats).to_dict()
+        result = self.modulator.update_groups(step, stats).to_dict()
+        self._persist()
+        return result
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "restarted": self.restarted}
 
     def state_dict(self) -> dict:
         return self.modulator.state_dict()

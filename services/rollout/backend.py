@@ -15,6 +15,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # extra stop strings (the end token always stops)
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Generation:
     token_ids: np.ndarray  # [R, T] int
     logprobs: np.ndarray  # [R, T] float32, log-prob of each token under the sampling policy
     lengths: np.ndarray  # [R] int, tokens in each response (an end token included)
-    stopped: np.ndarray  # [R] bool, True where an end-of-sequence token ended the response
+    stopped: np.ndarray  # [R] bool, True where an end token or a stop string ended it
 
     @property
     def finish_reasons(self) -> np.ndarray:

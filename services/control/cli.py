@@ -1,0 +1,200 @@
+"""``harpo status | modulator | scale | checkpoint | pause | resume | stop``: talk to a running job.
+
+Each command finds the job with ``--control HOST:PORT``, else ``--run RUN_DIR`` (its
+``endpoints.json``), else 127.0.0.1:50051, and prints a short readable answer (``--json`` for
+scripts). Errors are ValueErrors, which ``services.cli.main`` prints as ``harpo: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+TOKEN_ENV = "HARPO_CONTROL_TOKEN"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _connect_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("reaching the job")
+    g.add_argument("--control", metavar="HOST:PORT",
+                   help="the job's control address (default: from --run, else 127.0.0.1:50051)")
+    g.add_argument("--run", metavar="RUN_DIR",
+                   help="the job's run directory: its endpoints.json names the address")
+    g.add_argument("--token-file", metavar="FILE",
+                   help=f"file holding the job's control token (default: ${TOKEN_ENV})")
+    g.add_argument("--tls-ca", metavar="PEM",
+                   help="CA (or self-signed) certificate, when the job serves TLS")
+    g.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up after this long (default: 10 s; checkpoint and stop: no limit)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _call(args: argparse.Namespace, method: str, *call_args):
+    """Connect as the arguments say, make one call, turn auth failures into advice."""
+    # gRPC's C core logs failed TLS handshakes to stderr on top of the error we print
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    import grpc
+
+    from services.control.client import (
+        DEFAULT_TIMEOUT,
+        ControlClient,
+        ControlError,
+        resolve_endpoint,
+    )
+    from services.control.server import resolve_token
+
+    address = resolve_endpoint(args.control, args.run)
+    token = resolve_token(args.token_file, TOKEN_ENV)
+    timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT
+    with ControlClient(address, token=token, tls_ca=args.tls_ca, timeout=timeout,
+                       wait_timeout=args.timeout) as client:
+        try:
+            return getattr(client, method)(*call_args)
+        except ControlError as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                hint = ("give the job's token with --token-file FILE or $" + TOKEN_ENV
+                        if token is None else "check the token given")
+                raise ControlError(f"{exc} ({hint})", exc.code) from None
+            raise
+
+
+def _emit(args: argparse.Namespace, data, text: str) -> int:
+    print(json.dumps(data, indent=1, sort_keys=True) if args.json else text)
+    return 0
+
+
+def format_status(s: dict) -> str:
+    rows = [("job", s["job"]), ("state", s["state"]),
+            ("step", f"{s['step']}/{s['total_steps']}"),
+            ("policy version", s["policy_version"]),
+            ("rollout workers", s["rollout_workers"]),
+            ("rollouts/s", f"{s['rollouts_per_s']:.2f}"),
+            ("tokens/s", f"{s['tokens_per_s']:.1f}"),
+            ("last step", f"{s['last_step_s']:.2f} s"),
+            ("run dir", s["run_dir"])]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_modulator(m: dict) -> str:
+    reference = _num(m["reference"], ".4g")
+    head = f"modulator after step {m['step']} (reference signal {reference})"
+    if not m["tasks"]:
+        return (f"{head}\nno per-task state: the estimator is not harpo, or no step has run "
+                "yet")
+    columns = ("task", "factor", "unclamped", "signal", "signal ema", "batch share",
+               "zero-signal groups")
+    rows = [(name, _num(t["factor"]), _num(t["unclamped_factor"]), _num(t["signal"], ".4g"),
+             _num(t["signal_ema"], ".4g"), _num(t["batch_share"]), str(t["zero_signal_groups"]))
+            for name, t in sorted(m["tasks"].items())]
+    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
+
+    def line(cells):
+        return "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([head, line(columns), *(line(r) for r in rows)])
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = _call(args, "status")
+    return _emit(args, s, format_status(s))
+
+
+def cmd_modulator(args: argparse.Namespace) -> int:
+    m = _call(args, "modulator_state")
+    return _emit(args, m, format_modulator(m))
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    r = _call(args, "scale_rollouts", args.rollout)
+    return _emit(args, r, f"rollout workers: {r['previous']} -> {r['target']}")
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    print("waiting for the checkpoint to be written...", file=sys.stderr, flush=True)
+    r = _call(args, "checkpoint")
+    return _emit(args, r, f"checkpoint written: {r['path']}")
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _call(args, "pause")
+    return _emit(args, {"state": "paused"}, "paused (continue with: harpo resume)")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _call(args, "resume")
+    return _emit(args, {"state": "running"}, "resumed")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    if args.job is not None:
+        if args.control or args.run:
+            raise ValueError("give either a JOB id (stops a submitted Ray job) or --control/--run "
+                             "(stops a job through its control API), not both")
+        from services.jobs import stop_job
+
+        result = stop_job(args.address, args.job)
+        text = result if isinstance(result, str) and result else f"stopped job {args.job}"
+        return _emit(args, {"job": args.job, "result": result}, text)
+    if args.address:
+        raise ValueError("--address (a Ray dashboard) only goes with a JOB id; without one, stop "
+                         "reaches the job through its control API (--control or --run)")
+    print("waiting for the job to finish its step and write its last checkpoint...",
+          file=sys.stderr, flush=True)
+    r = _call(args, "stop")
+    return _emit(args, r, f"stopped; final checkpoint: {r['checkpoint']}")
+
+
+# ---------------------------------------------------------------------------- parsers
+
+
+def add_parsers(subparsers) -> None:
+    """Register the control commands on ``harpo``'s subparsers."""
+    common = [_connect_args()]
+
+    def add(name: str, help_text: str, fn, description: str | None = None):
+        p = subparsers.add_parser(name, parents=common, help=help_text,
+                                  description=description or help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    add("status", "state, progress and throughput of a running job", cmd_status)
+    add("modulator", "per-task HARPO factors and signals of a running job", cmd_modulator)
+    p = add("scale", "resize a running job's rollout worker pool", cmd_scale)
+    p.add_argument("--rollout", type=_positive_int, required=True, metavar="N",
+                   help="rollout workers to run")
+    add("checkpoint", "write a checkpoint of a running job now", cmd_checkpoint,
+        "Write a checkpoint now; returns once it is on disk.")
+    add("pause", "hold a running job before its next step", cmd_pause)
+    add("resume", "continue a paused job", cmd_resume)
+    p = add("stop", "stop a job gracefully (finish the step, checkpoint, exit)", cmd_stop,
+            "Stop a job gracefully: it finishes its current step, writes a checkpoint and exits. "
+            "Without JOB, through the job's control API; with JOB, a job submitted to a Ray "
+            "cluster is stopped through the cluster's job API.")
+    p.add_argument("job", nargs="?", help="id of a job submitted to a Ray cluster")
+    p.add_argument("--address", metavar="URL",
+                   help="Ray dashboard URL, with JOB (e.g. http://127.0.0.1:8265)")

@@ -1,0 +1,244 @@
+"""The driver's view of the rollout and reward actors: an elastic pool that never loses a prompt.
+
+A step's prompts are cut into requests (fixed chunks, so a request's content and seed do not
+depend on how many workers there are). Idle workers pull the next request; each finished
+generation goes straight to a reward scorer, so scoring overlaps the remaining generation.
+
+Failures: when a request's scored summary cannot be fetched, the pool asks which actor died
+(a dead actor answers a ping with an error at once), replaces it — a new rollout worker loads
+the current policy weights before it serves — and issues the request again. A request carries
+its own seed, so the re-issued request produces the same rollouts: each prompt of a step is
+trained on exactly once, whatever failed. An error that is not an actor death (a bug, bad data)
+is raised, not retried.
+
+Scaling happens between steps (the pool is idle then, so removal drains nothing in flight):
+new workers are ready and hold the current weights before they are given a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from services.rollout.backend import SamplingParams
+from services.rollout.worker import RolloutRequest
+
+log = logging.getLogger(__name__)
+
+ActorFactory = Callable[[str], "ray.actor.ActorHandle"]
+
+
+class RolloutFailure(RuntimeError):
+    """A request failed more often than the retry budget allows."""
+
+
+@dataclass
+class _Member:
+    name: str
+    actor: ray.actor.ActorHandle
+    busy: bool = False
+
+
+@dataclass
+class StepRollouts:
+    """What a step's rollout phase hands on: batch refs in request order and their summaries."""
+
+    refs: list
+    summary: dict[str, np.ndarray]
+    times: dict[str, float]
+    per_worker: dict[str, int] = field(default_factory=dict)  # rollouts generated per worker
+
+
+@dataclass
+class SyncResult:
+    seconds: dict[str, float] = field(default_factory=dict)  # load time per worker
+    failures: int = 0  # workers lost (and replaced) during the sync
+
+
+class RolloutPool:
+    def __init__(self, make_worker: ActorFactory, make_scorer: ActorFactory, *, workers: int,
+                 scorers: int, version: int, max_retries: int = 3,
+                 on_restart: Callable[[str], None] | None = None,
+                 on_queue_depth: Callable[[int], None] | None = None):
+        self._make_worker, self._make_scorer = make_worker, make_scorer
+        self.version = version
+        self.weights = None  # object ref of the current policy weights (None: model_dir's)
+        self.max_retries = max_retries
+        self.restarts: Counter[str] = Counter()
+        self._on_restart = on_restart or (lambda role: None)
+        self._on_queue_depth = on_queue_depth or (lambda depth: None)
+        self._serial = Counter()
+        self.workers: list[_Member] = []
+        self.scorers: list[_Member] = []
+        self.queue_depth = 0  # requests of the running step not yet handed to a worker
+        self._add("rollout", workers)
+        self._add("reward", scorers)
+
+    # ------------------------------------------------------------------ membership
+
+    def _new(self, role: str) -> _Member:
+        name = f"{role}-{self._serial[role]}"
+        self._serial[role] += 1
+        factory = self._make_worker if role == "rollout" else self._make_scorer
+        return _Member(name, factory(name))
+
+    def _add(self, role: str, count: int) -> None:
+        members = [self._new(role) for _ in range(count)]
+        if role == "rollout":
+            if self.weights is not None:
+                ray.get([m.actor.set_weights.remote(self.version, self.weights)
+                         for m in members])
+            ray.get([m.actor.ready.remote() for m in members])
+            self.workers.extend(members)
+        else:
+            ray.get([m.actor.ready.remote() for m in members])
+            self.scorers.extend(members)
+
+    def scale(self, workers: int) -> int:
+        """Grow or shrink the rollout workers to ``workers``; returns the previous count."""
+        if workers < 1:
+            raise ValueError(f"a job needs at least one rollout worker, asked for {workers}")
+        previous = len(self.workers)
+        if workers > previous:
+            self._add("rollout", workers - previous)
+        while len(self.workers) > workers:
+            self._retire(self.workers.pop())
+        return previous
+
+    @staticmethod
+    def _retire(member: _Member) -> None:
+        try:
+            ray.get(member.actor.shutdown.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - it is going away either way
+            pass
+        ray.kill(member.actor)
+
+    def _replace(self, role: str, member: _Member) -> _Member:
+        members = self.workers if role == "rollout" else self.scorers
+        index = next(i for i, m in enumerate(members) if m is member)
+        log.warning("%s actor %s died; starting a replacement", role, member.name)
+        ray.kill(member.actor)
+        fresh = self._new(role)
+        if role == "rollout" and self.weights is not None:
+            ray.get(fresh.actor.set_weights.remote(self.version, self.weights))
+        ray.get(fresh.actor.ready.remote())
+        members[index] = fresh
+        self.restarts[role] += 1
+        self._on_restart(role)
+        return fresh
+
+    @staticmethod
+    def _alive(member: _Member) -> bool:
+        try:
+            ray.get(member.actor.ready.remote(), timeout=60)
+            return True
+        except RayActorError:
+            return False
+
+    # ------------------------------------------------------------------ weights
+
+    def sync(self, version: int, weights: ray.ObjectRef) -> SyncResult:
+        """Every worker loads ``weights`` as ``version``.
+
+        A worker that dies while loading is replaced; the replacement loads the same weights
+        before it joins, so the pool serves one version only when this returns.
+        """
+        self.version, self.weights = version, weights
+        members = list(self.workers)
+        refs = [m.actor.set_weights.remote(version, weights) for m in members]
+        result = SyncResult()
+        for member, ref in zip(members, refs):
+            try:
+                result.seconds[member.name] = ray.get(ref)
+            except RayActorError:
+                result.failures += 1
+                self._replace("rollout", member)
+        return result
+
+    # ------------------------------------------------------------------ one step
+
+    def run(self, requests: list[RolloutRequest], params: SamplingParams | None = None
+            ) -> StepRollouts:
+        """Generate and score every request exactly once; results in request order."""
+        t0 = time.perf_counter()
+        pending = deque(range(len(requests)))
+        attempts = Counter()
+        generating: dict = {}  # generation ref -> (request index, worker)
+        scoring: dict = {}  # summary ref -> (request index, worker, scorer, gen ref, batch ref)
+        done: dict[int, tuple] = {}
+        per_worker: Counter[str] = Counter()
+        last_generated = t0
+        turn = 0
+        while pending or generating or scoring:
+            for member in self.workers:
+                if not pending:
+                    break
+                if not member.busy:
+                    k = pending.popleft()
+                    member.busy = True
+                    generating[member.actor.generate.remote(requests[k], params)] = (k, member)
+            if self.queue_depth != len(pending):
+                self.queue_depth = len(pending)
+                self._on_queue_depth(self.queue_depth)
+            ready, _ = ray.wait([*generating, *scoring], num_returns=1)
+            ref = ready[0]
+            if ref in generating:
+                k, worker = generating.pop(ref)
+                worker.busy = False
+                scorer = self.scorers[turn % len(self.scorers)]
+                turn += 1
+                batch_ref, summary_ref = scorer.actor.score.remote(ref)
+                scoring[summary_ref] = (k, worker, scorer, ref, batch_ref)
+                last_generated = time.perf_counter()
+                continue
+            k, worker, scorer, gen_ref, batch_ref = scoring.pop(ref)
+            try:
+                summary = ray.get(ref)
+            except RayActorError:
+                self._recover(k, worker, scorer, gen_ref, attempts, pending, scoring)
+                continue
+            done[k] = (batch_ref, summary)
+            per_worker[worker.name] += len(summary["reward"])
+        self.queue_depth = 0
+        self._on_queue_depth(0)
+        t_end = time.perf_counter()
+        summaries = [done[k][1] for k in range(len(requests))]
+        merged = {key: np.concatenate([s[key] for s in summaries]) for key in summaries[0]}
+        return StepRollouts(
+            refs=[done[k][0] for k in range(len(requests))], summary=merged,
+            times={"generate_s": last_generated - t0, "score_s": t_end - last_generated},
+            per_worker=dict(per_worker))
+
+    def _recover(self, k, worker, scorer, gen_ref, attempts, pending, scoring) -> None:
+        """Request ``k`` lost an actor: replace whichever died, then generate or score again."""
+        attempts[k] += 1
+        if attempts[k] > self.max_retries:
+            raise RolloutFailure(f"request {k} lost an actor {attempts[k]} times; giving up")
+        if scorer in self.scorers and not self._alive(scorer):
+            scorer = self._replace("reward", scorer)
+        if worker in self.workers and not self._alive(worker):
+            self._replace("rollout", worker)
+        try:
+            ray.get(gen_ref)  # failure path only: did the generation itself survive?
+        except RayActorError:
+            pending.appendleft(k)  # the worker died mid-generation: generate again
+            return
+        if scorer not in self.scorers:
+            scorer = self.scorers[0]
+        batch_ref, summary_ref = scorer.actor.score.remote(gen_ref)
+        scoring[summary_ref] = (k, worker, scorer, gen_ref, batch_ref)
+
+    def inflight(self) -> int:
+        return sum(m.busy for m in self.workers)
+
+    def shutdown(self) -> None:
+        for member in [*self.workers, *self.scorers]:
+            self._retire(member)
+        self.workers, self.scorers = [], []

@@ -1,0 +1,194 @@
+"""The training loop's side of the control API: commands in, snapshots out.
+
+gRPC calls arrive on server threads, but a step is not something to interrupt: the actors are
+mid-flight and the modulator has been told about the step. So commands are queued here and the
+training loop runs them between steps (:meth:`TrainerControl.serve`), answering each call's
+future. Reads (status, modulator state) never wait for the loop: they return the snapshot taken
+after the last step.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+# How long a blocking command (checkpoint, scale, stop) may wait for the current step to end.
+COMMAND_TIMEOUT_S = 3600.0
+
+
+class TrainerControl:
+    """Implements ``services.control.target.ControlTarget`` over a :class:`Trainer`."""
+
+    def __init__(self, trainer):
+        self._trainer = trainer
+        self._commands: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._state = "starting"
+        self._paused = False
+        self.stop_requested = False
+        self._signal_stop = False
+        self._stop_futures: list[Future] = []
+        self._last_row: dict = {}
+        self._modulator: dict = {"step": None, "reference": None, "tasks": {}}
+
+    # ------------------------------------------------------------------ RPC side (any thread)
+
+    def status(self) -> dict:
+        t = self._trainer
+        row = self._last_row
+        with self._lock:
+            state = self._state
+        return {
+            "job": t.config.run.name,
+            "state": state,
+            "step": t.step,
+            "total_steps": t.config.run.steps,
+            "policy_version": t.version,
+            "rollout_workers": len(t.pool.workers) if hasattr(t, "pool") else 0,
+            "rollouts_per_s": float(row.get("rollouts_per_s", 0.0)),
+            "tokens_per_s": float(row.get("tokens_per_s", 0.0)),
+            "last_step_s": float(row.get("timing", {}).get("step_s", 0.0)),
+            "run_dir": str(t.run_dir.root),
+        }
+
+    def modulator_state(self) -> dict:
+        with self._lock:
+            return {**self._modulator, "tasks": dict(self._modulator["tasks"])}
+
+    def scale_rollouts(self, workers: int) -> dict:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"rollout workers must be a positive integer, got {workers!r}")
+        policy = self._trainer.config.rollout.autoscale
+        if policy.enabled and not policy.min_workers <= workers <= policy.max_workers:
+            raise ValueError(
+                f"autoscaling keeps rollout workers within [{policy.min_workers}, "
+                f"{policy.max_workers}] (rollout.autoscale); asked for {workers}")
+        previous = self._submit("scale", workers)
+        return {"previous": previous, "target": workers}
+
+    def checkpoint(self) -> str:
+        return self._submit("checkpoint")
+
+    def pause(self) -> None:
+        self._submit("pause")
+
+    def resume(self) -> None:
+        with self._lock:
+            if not self._paused:
+                raise ValueError("the job is not paused")
+        self._submit("resume")
+
+    def stop(self) -> str:
+        """Graceful stop: the current step finishes, a checkpoint is written, the job ends."""
+        return self._submit("stop")
+
+    def _submit(self, command: str, *args):
+        with self._lock:
+            if self._state in ("finished", "failed"):
+                raise ValueError(f"the job has {self._state}; it takes no more commands")
+        future: Future = Future()
+        self._commands.put((command, args, future))
+        return future.result(timeout=COMMAND_TIMEOUT_S)
+
+    # ------------------------------------------------------------------ loop side
+
+    def set_state(self, state: str) -> None:
+        with self._lock:
+            self._state = state
+        if self._trainer.metrics is not None:
+            self._trainer.metrics.set_state(state)
+        if state in ("finished", "failed"):
+            self._drain(f"the job has {state}")
+
+    def request_stop(self) -> None:
+        """Stop after the current step, from a signal handler: sets a flag and nothing else
+        (a handler may interrupt the loop inside the queue's lock)."""
+        self._signal_stop = True
+
+    def serve(self) -> None:
+        """Run queued commands; while paused, keep serving until resumed or stopped."""
+        while True:
+            if self._signal_stop and not self.stop_requested:
+                self.stop_requested, self._paused = True, False
+                self.set_state("stopping")
+            try:
+                command, args, future = self._commands.get(timeout=0.2 if self._paused else 0)
+            except queue.Empty:
+                if self._paused and not self.stop_requested:
+                    continue
+                return
+            self._run(command, args, future)
+
+    def _run(self, command: str, args: tuple, future: Future) -> None:
+        t = self._trainer
+        try:
+            if command == "scale":
+                future.set_result(t.scale_rollouts(*args))
+            elif command == "checkpoint":
+                future.set_result(str(t.checkpoint()))
+            elif command == "pause":
+                if self._paused:
+                    raise ValueError("the job is already paused")
+                self._paused = True
+                self.set_state("paused")
+                future.set_result(None)
+            elif command == "resume":
+                self._paused = False
+                self.set_state("running")
+                future.set_result(None)
+            elif command == "stop":
+                self.stop_requested = True
+                self._paused = False
+                self.set_state("stopping")
+                self._stop_futures.append(future)  # answered once the checkpoint is written
+            else:
+                raise ValueError(f"unknown command {command!r}")
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            future.set_exception(exc)
+
+    def after_step(self, row: dict, modulation) -> None:
+        """Snapshot what the read-only calls return."""
+        tasks = {}
+        if modulation is not None:
+            for name in modulation.tasks:
+                log_factor = modulation.task_log_factors.get(name, 0.0)
+                tasks[name] = {
+                    "factor": modulation.task_factors[name],
+                    "unclamped_factor": math.exp(log_factor),
+                    "signal": modulation.task_signals.get(name, 0.0),
+                    "signal_ema": modulation.task_ema.get(name),
+                    "batch_share": row.get("batch_share", {}).get(name, 0.0),
+                    "zero_signal_groups": int(modulation.zero_signal_groups.get(name, 0)),
+                }
+        with self._lock:
+            self._last_row = row
+            if modulation is not None:
+                reference = None if math.isnan(modulation.reference) else modulation.reference
+                self._modulator = {"step": row["step"], "reference": reference, "tasks": tasks,
+                                   "updated_at": time.time()}
+
+    def stopped(self, checkpoint) -> None:
+        for future in self._stop_futures:
+            future.set_result(str(checkpoint))
+        self._stop_futures.clear()
+
+    def finish(self) -> None:
+        if self.stop_requested and self._stop_futures:  # stopped at the last step anyway
+            self.stopped(self._trainer.run_dir.latest_valid_checkpoint())
+        self.set_state("finished")
+
+    def _drain(self, reason: str) -> None:
+        """Answer every waiting call: the loop that would run them is gone."""
+        for future in self._stop_futures:
+            if not future.done():
+                future.set_exception(ValueError(reason))
+        self._stop_futures.clear()
+        while True:
+            try:
+                _, _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            future.set_exception(ValueError(reason))
