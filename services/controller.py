@@ -229,6 +229,7 @@ class Trainer:
                 scheduling_strategy=here,
             ).remote(harpo, state, str(self.run_dir.root / MODULATOR_STATE))
             ray.get(self.modulator.ready.remote())
+            self._modulator_restarts = 0
         learner = cfg.learner
         core_kwargs = dict(
             mini_batch_size=learner.mini_batch_prompts * cfg.rollout.group_size,
@@ -268,8 +269,9 @@ class Trainer:
             self.metrics = MetricsExporter(job=cfg.run.name)
             port = self.metrics.start(obs.metrics_host, obs.metrics_port)
             endpoints["metrics"] = f"http://{_advertised(obs.metrics_host)}:{port}/metrics"
-            self.metrics.set_rollout_workers(len(self.pool.workers))
-            self.metrics.set_staleness(0)
+            self.metrics.set_rollout_workers(len(self.pool.workers),
+                                             desired=len(self.pool.workers))
+            self.metrics.set_staleness(0)  # synchronous, on-policy: rollouts are never stale
         ctl = cfg.control
         if ctl.port is not None:
             from services.control.server import ControlServer, resolve_token
@@ -287,9 +289,12 @@ class Trainer:
 
     def scale_rollouts(self, workers: int) -> int:
         """Resize the rollout pool now (between steps); returns the previous size."""
+        before = {m.name for m in self.pool.workers}
         previous = self.pool.scale(workers)
         if self.metrics is not None:
-            self.metrics.set_rollout_workers(len(self.pool.workers))
+            self.metrics.set_rollout_workers(len(self.pool.workers), desired=workers)
+            for name in before - {m.name for m in self.pool.workers}:
+                self.metrics.forget_worker(name)
         return previous
 
     # ------------------------------------------------------------------ one step
@@ -329,7 +334,11 @@ class Trainer:
         base = grpo(batch, eps=alg.eps, std_ddof=alg.std_ddof)
         stats = GroupStats.from_batch(batch, base)
         self._group_tasks = np.asarray(batch.task_names, dtype=object)[batch.group_task].tolist()
-        mod = GroupModulation.from_dict(ray.get(self.modulator.update.remote(step, stats)))
+        answer, restarts = ray.get(self.modulator.update.remote(step, stats))
+        while self._modulator_restarts < restarts:  # Ray restarted it; it reloaded its state
+            self._modulator_restarts += 1
+            self._count_restart("modulator")
+        mod = GroupModulation.from_dict(answer)
         factor = batch.groups.broadcast(mod.sample_factors * mod.group_task_factors)
         return base * factor, mod
 
@@ -380,6 +389,9 @@ class Trainer:
             "step": step,
             "policy_version": int(summary["policy_version"][0]),
             "rollouts": n,
+            # which prompts, in order: equal digests mean the same samples were trained on
+            "prompt_digest": hashlib.blake2b(summary["prompt_index"].astype(np.int64).tobytes(),
+                                             digest_size=8).hexdigest(),
             "reward": per_task(summary["reward"]),
             "reward_mean": float(summary["reward"].mean()),
             "accuracy": per_task(summary["accuracy"]),
@@ -472,10 +484,11 @@ class Trainer:
                     where)
         self._teardown_actors()
         self._count_restart("learner")
-        self.restarts["job"] += 1
+        self._count_restart("job")
         self._setup(checkpoint, fresh_run=False)
         if self.metrics is not None:
-            self.metrics.set_rollout_workers(len(self.pool.workers))
+            self.metrics.set_rollout_workers(len(self.pool.workers),
+                                             desired=len(self.pool.workers))
 
     def _autoscale(self, timing: dict) -> None:
         policy = self.config.rollout.autoscale

@@ -32,9 +32,11 @@ class ModulatorService:
                  state_path: str | None = None):
         self.modulator = HarpoModulator(config)
         self.state_path = Path(state_path) if state_path else None
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        if self.restarted and self.state_path is not None and self.state_path.is_file():
-            state = json.loads(self.state_path.read_text())
+        self.restarts = 0  # times Ray restarted this actor after a crash
+        if (ray.get_runtime_context().was_current_actor_reconstructed
+                and self.state_path is not None and self.state_path.is_file()):
+            saved = json.loads(self.state_path.read_text())
+            state, self.restarts = saved["modulator"], saved["restarts"] + 1
         if state is not None:
             self.modulator.load_state_dict(state)
         self._persist()
@@ -44,17 +46,19 @@ class ModulatorService:
         if self.state_path is None:
             return
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.modulator.state_dict()))
+        tmp.write_text(json.dumps({"modulator": self.modulator.state_dict(),
+                                   "restarts": self.restarts}))
         os.replace(tmp, self.state_path)
 
-    def update(self, step: int, stats: GroupStats) -> dict:
+    def update(self, step: int, stats: GroupStats) -> tuple[dict, int]:
+        """The step's factors (``GroupModulation.to_dict``) and this actor's restart count."""
         self.largest_message = max(self.largest_message, int(stats.size.size))
         result = self.modulator.update_groups(step, stats).to_dict()
         self._persist()
-        return result
+        return result, self.restarts
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "restarted": self.restarted}
+        return {"pid": os.getpid(), "restarts": self.restarts}
 
     def state_dict(self) -> dict:
         return self.modulator.state_dict()
