@@ -10,7 +10,14 @@ step, 1 learner, 1 rollout worker. Measured side by side in one run:
 
 orchestration overhead = pipeline step time / (standalone generate + standalone update).
 
-    python benchmarks/pipeline.py [--steps 12] [--warmup 2] [--no-trl]
+Rollout backends (``--backend hf|vllm|both``): each backend in its own ``RolloutWorker`` actor
+on the same prompts and seeds, timing generation (rollouts/s, from the driver) and the weight
+sync of a fresh state dict every step (``set_weights`` seconds inside the actor, and the round
+trip from the driver). The pipeline run uses each selected backend too; the standalone run and
+the overhead ratio stay on the HF backend (vLLM must not run in this process).
+
+    python benchmarks/pipeline.py [--steps 12] [--warmup 2] [--no-trl] [--backend both]
+    python benchmarks/pipeline.py --backend both --rollout-only
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ def build_assets(root: Path):
     return init_tiny(root / "assets", n_train_per_task=200, n_test_per_task=10)
 
 
-def pipeline_config(assets, run_dir: Path, steps: int, threads: int):
+def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: str = "hf"):
     from services.config import parse_config
 
     return parse_config({
@@ -46,8 +53,8 @@ def pipeline_config(assets, run_dir: Path, steps: int, threads: int):
         "model": {"path": str(assets.model_dir)},
         "data": {"path": str(assets.data_dir), "prompts_per_step": PROMPTS,
                  "max_prompt_tokens": 256},
-        "rollout": {"workers": 1, "group_size": SAMPLES, "max_new_tokens": NEW_TOKENS,
-                    "torch_threads": threads},
+        "rollout": {"backend": backend, "workers": 1, "group_size": SAMPLES,
+                    "max_new_tokens": NEW_TOKENS, "torch_threads": threads},
         "reward": {"scorers": 1, "torch_threads": threads},
         "learner": {"workers": 1, "mini_batch_prompts": PROMPTS, "lr": 1e-5,
                     "torch_threads": threads},
@@ -126,6 +133,78 @@ def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
             "learn_s": statistics.median(learn_times[warmup:])}
 
 
+def run_rollout_backend(assets, backend: str, steps: int, warmup: int, threads: int) -> dict:
+    """One ``RolloutWorker`` of ``backend``: start-up, generation and weight-sync times."""
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.chat import tokenize_prompts
+    from services.cluster import connect
+    from services.config import VLLMSection
+    from services.rollout.backend import SamplingParams
+    from services.rollout.worker import RolloutRequest, RolloutWorker
+
+    connect(num_cpus=8)
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.model_dir))
+    options = {}
+    if backend == "vllm":  # what the controller passes: rollout.vllm + max_model_len
+        options = {**VLLMSection().model_dump(mode="json"), "max_model_len": 256 + NEW_TOKENS}
+    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS)
+    t0 = time.perf_counter()
+    worker = RolloutWorker.options(num_cpus=1).remote(
+        f"bench-{backend}", backend, str(assets.model_dir), params, threads, options, 0)
+    ray.get(worker.ready.remote())
+    start_s = time.perf_counter() - t0
+    base = AutoModelForCausalLM.from_pretrained(str(assets.model_dir)).state_dict()
+    noise = torch.Generator().manual_seed(0)
+    gen_s, tokens, load_s, sync_s = [], [], [], []
+    first_s = None
+    try:
+        for step, prompts in enumerate(step_prompts(assets, steps)):
+            ids = tokenize_prompts(tokenizer, prompts)
+            request = RolloutRequest(
+                step=step, seed=step, policy_version=step, prompt_indices=np.arange(PROMPTS),
+                group_ids=np.arange(PROMPTS), task_codes=np.zeros(PROMPTS, dtype=np.int32),
+                task_names=("t",), task_types=("classification",), answers=[""] * PROMPTS,
+                prompt_ids=ids)
+            t0 = time.perf_counter()
+            batch = ray.get(worker.generate.remote(request))
+            elapsed = time.perf_counter() - t0
+            first_s = elapsed if first_s is None else first_s
+            gen_s.append(elapsed)
+            tokens.append(len(batch.column("response_ids").flatten()))
+            # a new policy version as the learner would publish it (same size, new values)
+            weights = ray.put({k: v + 1e-3 * torch.randn(v.shape, generator=noise)
+                               for k, v in base.items()})
+            t0 = time.perf_counter()
+            load_s.append(ray.get(worker.set_weights.remote(step + 1, weights)))
+            sync_s.append(time.perf_counter() - t0)
+    finally:
+        try:
+            ray.get(worker.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(worker)
+    med = lambda xs: statistics.median(xs[warmup:])  # noqa: E731
+    return {"start_s": start_s, "first_generate_s": first_s, "generate_s": med(gen_s),
+            "tokens": med(tokens), "set_weights_s": med(load_s), "sync_s": med(sync_s)}
+
+
+def print_rollout_backends(results: dict[str, dict], steps: int, warmup: int) -> None:
+    rollouts = PROMPTS * SAMPLES
+    print(f"\nrollout backends: 1 worker (1 CPU), {PROMPTS} prompts x {SAMPLES} samples, "
+          f"{NEW_TOKENS} new tokens; medians over {steps - warmup} steps")
+    print(f"{'backend':<8}{'start s':>9}{'1st gen s':>10}{'gen s':>8}{'rollouts/s':>11}"
+          f"{'tokens/s':>10}{'set_weights s':>14}{'sync s':>8}")
+    for name, r in results.items():
+        print(f"{name:<8}{r['start_s']:>9.2f}{r['first_generate_s']:>10.2f}"
+              f"{r['generate_s']:>8.3f}{rollouts / r['generate_s']:>11.1f}"
+              f"{r['tokens'] / r['generate_s']:>10.0f}{r['set_weights_s']:>14.4f}"
+              f"{r['sync_s']:>8.4f}")
+    print("(start: actor + engine start-up; 1st gen: includes vLLM's compile; set_weights: the "
+          "load inside the actor; sync: the driver's round trip of set_weights)")
+
+
 def run_trl(assets, steps: int, warmup: int) -> dict | None:
     try:
         from benchmarks.trl_baseline import run_trl_grpo
@@ -152,14 +231,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--backend", choices=("hf", "vllm", "both"), default="hf",
+                        help="rollout backend(s) to measure and to run the pipeline with")
+    parser.add_argument("--rollout-only", action="store_true",
+                        help="only the rollout-backend comparison (no pipeline, TRL, standalone)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    backends = ("hf", "vllm") if args.backend == "both" else (args.backend,)
 
     root = Path(tempfile.mkdtemp(prefix="harpo-bench-"))
     assets = build_assets(root)
+    rollout = {b: run_rollout_backend(assets, b, args.steps, args.warmup, args.threads)
+               for b in backends}
+    print_rollout_backends(rollout, args.steps, args.warmup)
+    if args.rollout_only:
+        return
     standalone = run_standalone(assets, args.steps, args.warmup, args.threads)
-    pipeline = run_pipeline(pipeline_config(assets, root / "run", args.steps, args.threads),
-                            args.steps, args.warmup)
+    pipelines = {b: run_pipeline(pipeline_config(assets, root / f"run-{b}", args.steps,
+                                                 args.threads, b), args.steps, args.warmup)
+                 for b in backends}
     trl = None if args.no_trl else run_trl(assets, args.steps, args.warmup)
 
     rollouts = PROMPTS * SAMPLES
@@ -168,24 +258,28 @@ def main() -> None:
           f"per process; {PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens; "
           f"medians over {args.steps - args.warmup} steps")
     print(f"{'':<26}{'step s':>8} {'steps/s':>8} {'rollouts/s':>11}")
-    print(f"{'harpo pipeline (Ray)':<26}{pipeline['step_s']:>8.3f} {1 / pipeline['step_s']:>8.2f} "
-          f"{rollouts / pipeline['step_s']:>11.1f}")
+    for b, pipeline in pipelines.items():
+        print(f"{'harpo pipeline (Ray, ' + b + ')':<26}{pipeline['step_s']:>8.3f} "
+              f"{1 / pipeline['step_s']:>8.2f} {rollouts / pipeline['step_s']:>11.1f}")
     print(f"{'standalone gen + update':<26}{base:>8.3f} {1 / base:>8.2f} {rollouts / base:>11.1f}")
     if trl is not None:
         t = trl["step_time_s_median"]
         print(f"{'TRL GRPOTrainer ' + trl['trl_version']:<26}{t:>8.3f} {1 / t:>8.2f} "
               f"{rollouts / t:>11.1f}")
-    print("\npipeline stages (s): " + ", ".join(
-        f"{k.removesuffix('_s')} {pipeline[k]:.3f}" for k in
-        ("generate_s", "score_s", "modulate_s", "learn_s", "learner_fetch_s", "learner_update_s",
-         "sync_s")))
+    for b, pipeline in pipelines.items():
+        print(f"\npipeline stages, {b} (s): " + ", ".join(
+            f"{k.removesuffix('_s')} {pipeline[k]:.3f}" for k in
+            ("generate_s", "score_s", "modulate_s", "learn_s", "learner_fetch_s",
+             "learner_update_s", "sync_s")))
     print(f"standalone stages (s): generate {standalone['generate_s']:.3f}, "
           f"update {standalone['learn_s']:.3f}")
-    print(f"orchestration overhead = {pipeline['step_s']:.3f} / {base:.3f} = "
-          f"{pipeline['step_s'] / base:.2f}  (target <= 1.15)")
-    if trl is not None:
-        print(f"throughput vs TRL = {trl['step_time_s_median'] / pipeline['step_s']:.2f}x  "
-              f"(target >= 1)")
+    if "hf" in pipelines:  # the standalone baseline runs the HF backend
+        step = pipelines["hf"]["step_s"]
+        print(f"orchestration overhead = {step:.3f} / {base:.3f} = "
+              f"{step / base:.2f}  (target <= 1.15)")
+        if trl is not None:
+            print(f"throughput vs TRL = {trl['step_time_s_median'] / step:.2f}x  "
+                  f"(target >= 1)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
 from services.rollout.backend import Generation, SamplingParams
 
@@ -17,6 +23,28 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if not ids or ids[0] is None:
         raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
     return [int(i) for i in ids]
+
+
+class _FirstStop(StoppingCriteria):
+    """Stop strings (``StopStringCriteria``) that also remember where each row stopped.
+
+    ``generate`` pads a finished row with the pad token, which here is an end token too, so
+    the padding alone cannot tell where a stop string ended a response; this records the
+    response length at the step a row's first stop string completed (-1: never).
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_width: int):
+        self.inner = StopStringCriteria(tokenizer, list(stop))
+        self.prompt_width = prompt_width
+        self.ends: torch.Tensor | None = None  # [rows], set at the first call
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.inner(input_ids, scores, **kwargs)
+        if self.ends is None:
+            self.ends = torch.full(done.shape, -1, dtype=torch.long, device=done.device)
+        first = done & (self.ends < 0)
+        self.ends[first] = input_ids.shape[1] - self.prompt_width
+        return done
 
 
 class HFBackend:
@@ -54,6 +82,9 @@ class HFBackend:
         input_ids = torch.from_numpy(ids).repeat_interleave(params.n, dim=0).to(self.device)
         attention = torch.from_numpy(mask).repeat_interleave(params.n, dim=0).to(self.device)
         greedy = params.temperature == 0
+        stops = None
+        if params.stop:
+            stops = _FirstStop(self.tokenizer, params.stop, width)
         torch.manual_seed(seed)
         out = self.model.generate(
             input_ids=input_ids,
@@ -65,6 +96,7 @@ class HFBackend:
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([stops] if stops is not None else []),
             output_logits=True,
             return_dict_in_generate=True,
         )
@@ -75,9 +107,14 @@ class HFBackend:
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         new = new.cpu().numpy()
         is_eos = np.isin(new, self.eos_ids)
+        # a response ends at (and includes) its first end token or the token completing a stop
+        # string, whichever comes first
+        lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, new.shape[1])
         stopped = is_eos.any(axis=1)
-        # a response ends at (and includes) its first end-of-sequence token
-        lengths = np.where(stopped, is_eos.argmax(axis=1) + 1, new.shape[1])
+        if stops is not None and stops.ends is not None:
+            ends = stops.ends.cpu().numpy()
+            lengths = np.where(ends > 0, np.minimum(lengths, ends), lengths)
+            stopped |= ends > 0
         return Generation(token_ids=new, logprobs=logprobs.cpu().numpy().astype(np.float32),
                           lengths=lengths, stopped=stopped)
 

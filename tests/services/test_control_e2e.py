@@ -81,7 +81,7 @@ def test_control_api_drives_a_running_job(running_job):
     modulator = client.modulator_state()
     assert modulator["tasks"], "per-task factors after the first step"
     last = json.loads(RunDir(run_dir).metrics_path.read_text().splitlines()[-1])
-    for name, task in modulator["tasks"].items():
+    for task in modulator["tasks"].values():
         assert task["factor"] > 0 and task["unclamped_factor"] > 0
     if modulator["step"] == last["step"]:
         for name, task in modulator["tasks"].items():
