@@ -40,5 +40,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         temp_dir = tempfile.mkdtemp(prefix="harpo-ray-")
         ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir,
                  runtime_env=runtime_env, log_to_driver=True)
+    elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A Ray job's driver (`harpo submit`, `ray job submit`): the job's runtime environment
+        # already applies, and Ray refuses a second one that names the same variables.
+        ray.init(address=address)
     else:
         ray.init(address=address, runtime_env=runtime_env)
