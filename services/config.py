@@ -118,6 +118,8 @@ class RewardSection(_Section):
     overlong_factor: Annotated[float, Field(ge=0.0)] = 0.75
     qa_accuracy_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.75
     custom: dict[str, str] = Field(default_factory=dict)  # task type -> "module:function"
+    # a custom reward that fails on a sample: score it 0, drop its group, or stop the job
+    on_error: Literal["zero", "drop_group", "raise"] = "zero"
     cpus_per_scorer: Annotated[float, Field(gt=0.0)] = 0.5
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per scorer
     torch_threads: PositiveInt = 1
@@ -246,6 +248,7 @@ class TrainConfig(_Section):
             overlong_factor=self.reward.overlong_factor,
             custom=dict(self.reward.custom),
             qa_accuracy_threshold=self.reward.qa_accuracy_threshold,
+            on_error=self.reward.on_error,
         )
 
     def with_absolute_paths(self) -> TrainConfig:

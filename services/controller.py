@@ -322,8 +322,26 @@ class Trainer:
         ]
 
     def _advantages(self, step: int, summary: dict) -> tuple[np.ndarray, GroupModulation | None]:
-        names = self.train_set.task_names
+        """Advantages for every rollout of the step (zero for groups dropped by
+        ``reward.on_error: drop_group``, which also stay out of the modulator's statistics)."""
+        keep = np.ones(summary["reward"].size, dtype=bool)
+        self._dropped_groups = 0
+        if self.config.reward.on_error == "drop_group" and summary["reward_error"].any():
+            bad_groups = np.unique(summary["group_id"][summary["reward_error"]])
+            keep = ~np.isin(summary["group_id"], bad_groups)
+            self._dropped_groups = int(bad_groups.size)
+            log.warning("step %d: dropping %d group(s) whose reward failed", step,
+                        bad_groups.size)
+        advantages = np.zeros(keep.size)
         self._group_tasks = None  # task of each group, in the modulator's group order
+        if not keep.any():
+            return advantages, None
+        kept = {k: summary[k][keep] for k in ("reward", "group_id", "task_code")}
+        advantages[keep], modulation = self._kept_advantages(step, kept)
+        return advantages, modulation
+
+    def _kept_advantages(self, step: int, summary: dict):
+        names = self.train_set.task_names
         if self.modulator is None:
             out = self.estimator.compute(summary["reward"], summary["group_id"],
                                          summary["task_code"], step=step, task_names=names)
@@ -396,6 +414,10 @@ class Trainer:
             "reward_mean": float(summary["reward"].mean()),
             "accuracy": per_task(summary["accuracy"]),
             "format": per_task(summary["reward_format"]),
+            "reward_errors": {k: int(v) for k, v in zip(
+                names, np.bincount(codes, weights=summary["reward_error"], minlength=len(names)))
+                if v},
+            "dropped_groups": self._dropped_groups,
             "batch_share": {k: v for k, v in zip(names, (count / n).tolist()) if v > 0},
             "advantage_abs_mean": per_task(np.abs(advantages)),
             "response_length": float(summary["response_length"].mean()),

@@ -111,6 +111,9 @@ class MetricsExporter:
         self._zero_groups = Counter("harpo_zero_signal_groups",
                                     "Groups whose rewards were all equal (no signal)", task_l,
                                     registry=r)
+        self._reward_errors = Counter("harpo_reward_errors",
+                                      "Samples whose user reward function failed (scored by "
+                                      "reward.on_error)", task_l, registry=r)
         self._sample_factor = Histogram("harpo_sample_factor",
                                         "Sample factors s_(m,q) applied, one per group", task_l,
                                         buckets=SAMPLE_FACTOR_BUCKETS, registry=r)
@@ -224,6 +227,8 @@ class MetricsExporter:
             self._unclamped.labels(job, task).set(_safe_exp(float(log_factor)))
         for task, n in (row.get("zero_signal_groups") or {}).items():
             self._zero_groups.labels(job, task).inc(int(n))
+        for task, n in (row.get("reward_errors") or {}).items():
+            self._reward_errors.labels(job, task).inc(int(n))
         batch = set(row.get("batch_share") or {})
         for task in self._tasks_seen - batch:
             self._task_gauges["batch_share"].labels(job, task).set(0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -10,6 +11,8 @@ import ray
 
 from harpo_core.rewards import RewardComposer, RewardConfig
 from harpo_core.schema import with_rewards
+
+log = logging.getLogger(__name__)
 
 # What the driver needs from a scored batch: a few numbers per rollout, never the tokens.
 SUMMARY_COLUMNS = ("prompt_index", "group_id", "task_code", "policy_version")
@@ -53,6 +56,15 @@ class RewardScorer:
             "reward_format": result.components["format"],
             "reward_overlong": result.components["overlong"],
             "accuracy": result.accuracy,
+            "reward_error": result.errors,
         }
+        if result.error_messages:
+            prompts = batch.column("prompt_index").to_numpy()
+            versions = batch.column("policy_version").to_numpy()
+            for row, message in result.error_messages:
+                # the sample id: which prompt of the data set, which policy version
+                log.warning("reward function failed on prompt %d (rollout row %d, policy version "
+                            "%d); scored by reward.on_error: %s", prompts[row], row,
+                            versions[row], message)
         self.scored += batch.num_rows
         return with_rewards(batch, rewards), summarize(batch, rewards, lengths)

@@ -30,6 +30,9 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"RewardConfig.{name} must be a positive int, got {value!r}")
 
 
+ON_ERROR = ("zero", "drop_group", "raise")
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """How the per-sample reward is put together.
@@ -50,6 +53,10 @@ class RewardConfig:
     overlong_factor: float = 0.75
     custom: dict[str, str] = field(default_factory=dict)
     qa_accuracy_threshold: float = 0.75
+    # A user reward function that raises or returns a non-finite value for some samples:
+    # "zero" scores those samples' task reward 0, "drop_group" marks them so the trainer drops
+    # their groups from the step, "raise" stops with the error.
+    on_error: str = "zero"
 
     def __post_init__(self) -> None:
         _check_real("format_weight", self.format_weight, 0.0, 1.0)
@@ -63,6 +70,9 @@ class RewardConfig:
                 )
         _check_real("overlong_factor", self.overlong_factor, 0.0)
         _check_real("qa_accuracy_threshold", self.qa_accuracy_threshold, 0.0, 1.0)
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"RewardConfig.on_error must be one of {ON_ERROR}, "
+                             f"got {self.on_error!r}")
         if not isinstance(self.custom, dict):
             raise TypeError(
                 f"RewardConfig.custom must be a dict of task type -> 'module:function', "
@@ -96,6 +106,9 @@ class RewardResult:
     total: np.ndarray
     components: dict[str, np.ndarray]
     accuracy: np.ndarray
+    # samples whose user reward failed (scored 0), and why: (sample index, message)
+    errors: np.ndarray | None = None
+    error_messages: list[tuple[int, str]] = field(default_factory=list)
 
 
 class RewardComposer:
@@ -151,6 +164,8 @@ class RewardComposer:
         answer_arr = np.array(answers, dtype=object)
         task = np.zeros(n, dtype=np.float64)
         accuracy = np.full(n, np.nan, dtype=np.float64)
+        errors = np.zeros(n, dtype=bool)
+        messages: list[tuple[int, str]] = []
         for task_type in present:
             rows = np.flatnonzero(types == task_type)
             rows_responses = response_arr[rows].tolist()
@@ -163,12 +178,8 @@ class RewardComposer:
                 task[rows] = self.similarity.score(predictions, rows_answers)
                 accuracy[rows] = task[rows] >= self.config.qa_accuracy_threshold
             else:
-                task[rows] = call_reward_function(
-                    self._custom[task_type],
-                    responses=rows_responses,
-                    answers=rows_answers,
-                    tasks=[task_type] * rows.size,
-                )
+                task[rows] = self._user_rewards(task_type, rows, rows_responses, rows_answers,
+                                                errors, messages)
 
         fmt = format_score(responses)
         if self.config.overlong_buffer is None:
@@ -186,4 +197,29 @@ class RewardComposer:
             total=total,
             components={"task": task, "format": fmt, "overlong": overlong},
             accuracy=accuracy,
+            errors=errors,
+            error_messages=messages,
         )
+
+    def _user_rewards(self, task_type, rows, responses, answers, errors, messages) -> np.ndarray:
+        """One batched call; if it fails, one call per sample to find the culprits.
+
+        Failing samples (an exception or a non-finite value) score 0 and are flagged in
+        ``errors`` with their message, unless ``on_error`` is "raise".
+        """
+        fn = self._custom[task_type]
+        try:
+            return call_reward_function(fn, responses=responses, answers=answers,
+                                        tasks=[task_type] * len(responses))
+        except Exception:
+            if self.config.on_error == "raise":
+                raise
+        values = np.zeros(len(responses), dtype=np.float64)
+        for k, (response, answer) in enumerate(zip(responses, answers)):
+            try:
+                values[k] = call_reward_function(fn, responses=[response], answers=[answer],
+                                                 tasks=[task_type])[0]
+            except Exception as exc:  # noqa: BLE001 - recorded, scored by on_error
+                errors[rows[k]] = True
+                messages.append((int(rows[k]), f"{type(exc).__name__}: {exc}"))
+        return values

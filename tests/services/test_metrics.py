@@ -94,6 +94,7 @@ def synthetic_step(modulator, step, rng, tasks=TASKS, groups_per_task=3, group_s
         "task_code": codes, "reward": rewards, "accuracy": (rewards > 0.5).astype(float),
         "reward_format": rng.random(n), "response_length": rng.integers(3, 12, n),
         "stopped": rng.random(n) > 0.3, "policy_version": np.full(n, step),
+        "reward_error": rng.random(n) > 0.9,
     }
     learner = {"loss": rng.normal() if loss is None else loss, "kl": 0.01, "entropy": 2.5,
                "clip_frac": 0.1, "approx_kl": 1e-4, "grad_norm": 0.7, "lr": 1e-3,
@@ -104,7 +105,7 @@ def synthetic_step(modulator, step, rng, tasks=TASKS, groups_per_task=3, group_s
     # the trainer attributes _step_metrics reads besides its arguments
     fake = SimpleNamespace(train_set=SimpleNamespace(task_names=names),
                            pool=SimpleNamespace(workers=["rollout-0", "rollout-1"]),
-                           restarts={"rollout": 1}, weight_sync_failures=0)
+                           restarts={"rollout": 1}, weight_sync_failures=0, _dropped_groups=0)
     row = Trainer._step_metrics(fake, step, summary, advantages, modulation, learner, times,
                                 0.04)
     group_tasks = [batch.task_names[c] for c in batch.group_task]
