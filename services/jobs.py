@@ -24,6 +24,7 @@ from services.config import TrainConfig
 CONFIG_ENV = "HARPO_JOB_CONFIG"  # the runtime-env variable carrying the resolved config
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 120.0  # how long to wait for a fresh head's job agent
 
 
 class JobError(ValueError):
@@ -61,11 +62,21 @@ def submit(config: TrainConfig, address: str | None, *, working_dir: str | None 
             raise JobError(f"--working-dir {working_dir!r} is not a directory")
         runtime_env["working_dir"] = str(path.resolve())
     client = _client(address)
-    return client.submit_job(
-        entrypoint=f"harpo train --config-env {CONFIG_ENV} --address auto",
-        runtime_env=runtime_env, submission_id=job_id,
-        metadata={"harpo_run": config.run.name},
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=f"harpo train --config-env {CONFIG_ENV} --address auto",
+                runtime_env=runtime_env, submission_id=job_id,
+                metadata={"harpo_run": config.run.name},
+            )
+        except RuntimeError as exc:
+            # A head that has just started answers before its job agent is up.
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise JobError(f"the cluster at {dashboard_address(address)} refused the job: "
+                           f"{exc}") from None
 
 
 def status(job: str, address: str | None) -> str:
