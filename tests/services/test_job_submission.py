@@ -1,9 +1,11 @@
 """End to end through Ray's Job Submission API: a real head (`ray start --head` on loopback, its
-own temp dir and ports), `harpo submit --follow` of a 2-step job, its metrics.jsonl, `harpo logs`
+own temp dir and ports), `harpo submit --follow` of a 2-step job with the vLLM (CPU) rollout
+backend, its metrics.jsonl, `harpo logs`
 and `harpo stop`; then the head's processes are stopped (by their temp dir, so the test
 session's own embedded Ray is left alone).
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -49,6 +51,8 @@ def ray_head():
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
            "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(dashboard), "--num-cpus", "8", "--temp-dir", temp_dir,
+           # not the default 52365: the test session's own Ray may hold it
+           "--dashboard-agent-listen-port", str(_free_port()),
            "--include-dashboard", "true", "--disable-usage-stats"]
     subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=180)
     url = f"http://127.0.0.1:{dashboard}"
@@ -81,7 +85,9 @@ def ray_head():
 
 
 def test_submit_follow_logs_and_stop(ray_head, tiny_assets, tmp_path):
-    config = tiny_config(tiny_assets, tmp_path / "run", run={"steps": 2, "name": "submitted"})
+    assert importlib.util.find_spec("vllm"), "vLLM missing: pip install '.[cpu]' (make test)"
+    config = tiny_config(tiny_assets, tmp_path / "run", run={"steps": 2, "name": "submitted"},
+                         rollout={"backend": "vllm"})
     config_file = tmp_path / "job.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
@@ -94,6 +100,8 @@ def test_submit_follow_logs_and_stop(ray_head, tiny_assets, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
             .splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and rows[0]["rollouts"] == 16
+    # the vLLM workers served the learner's weights: rollout and learner log-probs agree
+    assert all(r["logprob_mismatch_max"] < 1e-4 for r in rows)
 
     logs = _harpo("logs", job, "--address", ray_head)
     assert logs.returncode == 0 and "finished step 2/2" in logs.stdout
