@@ -3,7 +3,9 @@
 Workload (issue 3): the tiny Qwen2 (≈1M parameters), 8 prompts × 8 samples, 16 new tokens per
 step, 1 learner, 1 rollout worker. Measured side by side in one run:
 
-* pipeline   — ``Trainer.train_step`` on embedded Ray (generate, score, modulate, learn, sync);
+* pipeline   — ``Trainer.train_step`` on embedded Ray (generate, score, modulate, learn, sync),
+  synchronous (``rollout.max_staleness: 0``) and asynchronous (``1``: step t+1 is generated
+  while the learner updates on step t), ``--mode sync|async|both``;
 * standalone — the same HF backend and the same ``LearnerCore`` called in-process, no Ray:
   ``generate`` + ``update`` on a batch of the same shape;
 * TRL        — ``GRPOTrainer`` on the same model, prompts and shape (``pip install .[bench]``).
@@ -17,6 +19,7 @@ trip from the driver). The pipeline run uses each selected backend too; the stan
 the overhead ratio stay on the HF backend (vLLM must not run in this process).
 
     python benchmarks/pipeline.py [--steps 12] [--warmup 2] [--no-trl] [--backend both]
+                                  [--mode both] [--threads 1]
     python benchmarks/pipeline.py --backend both --rollout-only
 """
 
@@ -44,7 +47,8 @@ def build_assets(root: Path):
     return init_tiny(root / "assets", n_train_per_task=200, n_test_per_task=10)
 
 
-def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: str = "hf"):
+def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: str = "hf",
+                    staleness: int = 0):
     from services.config import parse_config
 
     return parse_config({
@@ -54,7 +58,8 @@ def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: st
         "data": {"path": str(assets.data_dir), "prompts_per_step": PROMPTS,
                  "max_prompt_tokens": 256},
         "rollout": {"backend": backend, "workers": 1, "group_size": SAMPLES,
-                    "max_new_tokens": NEW_TOKENS, "torch_threads": threads},
+                    "max_new_tokens": NEW_TOKENS, "torch_threads": threads,
+                    "max_staleness": staleness},
         "reward": {"scorers": 1, "torch_threads": threads},
         "learner": {"workers": 1, "mini_batch_prompts": PROMPTS, "lr": 1e-5,
                     "torch_threads": threads},
@@ -76,8 +81,8 @@ def run_pipeline(config, steps: int, warmup: int) -> dict:
     finally:
         trainer.shutdown()
     rows = rows[warmup:]
-    stages = ("generate_s", "score_s", "modulate_s", "learn_s", "learner_fetch_s",
-              "learner_update_s", "sync_s", "step_s")
+    stages = ("generate_s", "score_s", "rollout_wait_s", "modulate_s", "learn_s",
+              "learner_fetch_s", "learner_update_s", "sync_s", "step_s")
     out = {s: statistics.median(r["timing"][s] for r in rows) for s in stages}
     out["tokens"] = statistics.median(r["response_length"] for r in rows) * PROMPTS * SAMPLES
     return out
@@ -233,11 +238,16 @@ def main() -> None:
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--backend", choices=("hf", "vllm", "both"), default="hf",
                         help="rollout backend(s) to measure and to run the pipeline with")
+    parser.add_argument("--mode", choices=("sync", "async", "both"), default="both",
+                        help="pipeline mode(s): on-policy, or generation one step ahead")
     parser.add_argument("--rollout-only", action="store_true",
                         help="only the rollout-backend comparison (no pipeline, TRL, standalone)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     backends = ("hf", "vllm") if args.backend == "both" else (args.backend,)
+    modes = {"sync": 0, "async": 1}
+    if args.mode != "both":
+        modes = {args.mode: modes[args.mode]}
 
     root = Path(tempfile.mkdtemp(prefix="harpo-bench-"))
     assets = build_assets(root)
@@ -247,9 +257,10 @@ def main() -> None:
     if args.rollout_only:
         return
     standalone = run_standalone(assets, args.steps, args.warmup, args.threads)
-    pipelines = {b: run_pipeline(pipeline_config(assets, root / f"run-{b}", args.steps,
-                                                 args.threads, b), args.steps, args.warmup)
-                 for b in backends}
+    pipelines = {f"{b}, {mode}": run_pipeline(
+                     pipeline_config(assets, root / f"run-{b}-{mode}", args.steps, args.threads,
+                                     b, staleness), args.steps, args.warmup)
+                 for b in backends for mode, staleness in modes.items()}
     trl = None if args.no_trl else run_trl(assets, args.steps, args.warmup)
 
     rollouts = PROMPTS * SAMPLES
@@ -259,7 +270,7 @@ def main() -> None:
           f"medians over {args.steps - args.warmup} steps")
     print(f"{'':<26}{'step s':>8} {'steps/s':>8} {'rollouts/s':>11}")
     for b, pipeline in pipelines.items():
-        print(f"{'harpo pipeline (Ray, ' + b + ')':<26}{pipeline['step_s']:>8.3f} "
+        print(f"{'harpo (Ray, ' + b + ')':<26}{pipeline['step_s']:>8.3f} "
               f"{1 / pipeline['step_s']:>8.2f} {rollouts / pipeline['step_s']:>11.1f}")
     print(f"{'standalone gen + update':<26}{base:>8.3f} {1 / base:>8.2f} {rollouts / base:>11.1f}")
     if trl is not None:
@@ -269,17 +280,20 @@ def main() -> None:
     for b, pipeline in pipelines.items():
         print(f"\npipeline stages, {b} (s): " + ", ".join(
             f"{k.removesuffix('_s')} {pipeline[k]:.3f}" for k in
-            ("generate_s", "score_s", "modulate_s", "learn_s", "learner_fetch_s",
-             "learner_update_s", "sync_s")))
+            ("generate_s", "score_s", "rollout_wait_s", "modulate_s", "learn_s",
+             "learner_fetch_s", "learner_update_s", "sync_s")))
     print(f"standalone stages (s): generate {standalone['generate_s']:.3f}, "
           f"update {standalone['learn_s']:.3f}")
-    if "hf" in pipelines:  # the standalone baseline runs the HF backend
-        step = pipelines["hf"]["step_s"]
-        print(f"orchestration overhead = {step:.3f} / {base:.3f} = "
-              f"{step / base:.2f}  (target <= 1.15)")
+    for mode in modes:  # the standalone baseline runs the HF backend
+        if f"hf, {mode}" not in pipelines:
+            continue
+        step = pipelines[f"hf, {mode}"]["step_s"]
+        print(f"{mode}: orchestration overhead = {step:.3f} / {base:.3f} = "
+              f"{step / base:.2f}  (target <= 1.15)", end="")
         if trl is not None:
-            print(f"throughput vs TRL = {trl['step_time_s_median'] / step:.2f}x  "
-                  f"(target >= 1)")
+            print(f"; throughput vs TRL = {trl['step_time_s_median'] / step:.2f}x "
+                  f"(target >= 1)", end="")
+        print()
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class RolloutSection(_Section):
     # Fixed for a run, so a request's prompts and seed never depend on the live worker count.
     prompts_per_request: PositiveInt | None = None
     request_retries: Annotated[int, Field(ge=0)] = 3  # re-issues of a request after actor loss
+    # 0: synchronous, on-policy. 1: step t+1 is generated (by the policy before step t's
+    # update) while the learner updates on step t; PPO's ratio then corrects one version of lag.
+    max_staleness: Annotated[int, Field(ge=0, le=1)] = 0
     autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
     group_size: Annotated[int, Field(ge=2)] = 5
     max_new_tokens: PositiveInt = 64

@@ -1,6 +1,6 @@
 """The driver: one training step at a time, through the actors.
 
-Per step (synchronous, on-policy)::
+Per step (synchronous, on-policy: ``rollout.max_staleness: 0``)::
 
     sampler ── prompts ──▶ RolloutWorker × W ── batch refs ──▶ RewardScorer × K
                                                                 │ small per-rollout summaries
@@ -10,6 +10,13 @@ Per step (synchronous, on-policy)::
 Rollout batches stay in the object store: the driver handles refs and a few numbers per
 rollout (rewards, ids), the learners fetch the token data themselves, and the modulator sees
 one row per prompt.
+
+Asynchronous mode (``rollout.max_staleness: 1``): as soon as step t's rollouts are in and the
+pool holds the newest weights, the pool starts generating step t+1 in a driver thread while
+the learners update on step t, so generation and learning overlap. Step t+1 is then trained
+one policy version late; PPO's ratio against the rollout log-probs corrects for it. A
+checkpoint records the sampler as it was before the prefetched step was drawn, so a resumed
+run draws those prompts again: none is lost or trained twice.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import logging
 import math
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +48,7 @@ from services.modulator_actor import ModulatorService, modulator_name
 from services.progress import StepProgress
 from services.reward_scorer import RewardScorer
 from services.rollout.backend import SamplingParams
-from services.rollout.pool import RolloutPool
+from services.rollout.pool import RolloutPool, SyncResult
 from services.rollout.worker import RolloutRequest, RolloutWorker
 from services.run_dir import RunDir, write_json
 from services.trainer_control import TrainerControl
@@ -84,6 +93,15 @@ class StepResult:
     modulation: GroupModulation | None
 
 
+@dataclass
+class Prefetch:
+    """A step whose rollouts are being generated ahead of the learner (asynchronous mode)."""
+
+    step: int
+    sampler_state: dict  # the sampler before this step's prompts were drawn
+    future: Future  # -> StepRollouts
+
+
 class Trainer:
     """Builds the actors for a config and runs training steps; Ray must be initialised."""
 
@@ -96,6 +114,7 @@ class Trainer:
         self.metrics = None  # Prometheus exporter (observability.metrics_port)
         self.control = TrainerControl(self)
         self._control_server = None
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harpo-prefetch")
         checkpoint = None
         if resume:
             checkpoint = self.run_dir.latest_valid_checkpoint()
@@ -113,7 +132,9 @@ class Trainer:
         """Everything a run holds between steps, from the model directory or a checkpoint."""
         config = self.config
         self.step = 0  # steps completed
-        self.version = 0  # policy version the rollout workers serve
+        self.version = 0  # policy version of the learners' weights
+        self._weights = None  # object ref of those weights, until the rollout pool loads them
+        self._prefetch: Prefetch | None = None
         self._eval_cache = None  # (split, prompt set, picked rows, token ids)
         model_dir = str(config.model.path)
         trainer_state = None
@@ -245,7 +266,8 @@ class Trainer:
         self.learners = LearnerGroup(learner.workers, model_dir, core_kwargs,
                                      cpus=learner.cpus_per_worker, gpus=learner.gpus_per_worker,
                                      resources=dict(learner.resources),
-                                     torch_threads=learner.torch_threads, version=self.version)
+                                     torch_threads=learner.torch_threads, version=self.version,
+                                     max_staleness=cfg.rollout.max_staleness)
         if checkpoint is not None:
             self.learners.load(str(checkpoint / "model"), self.version)
 
@@ -272,7 +294,7 @@ class Trainer:
             endpoints["metrics"] = f"http://{_advertised(obs.metrics_host)}:{port}/metrics"
             self.metrics.set_rollout_workers(len(self.pool.workers),
                                              desired=len(self.pool.workers))
-            self.metrics.set_staleness(0)  # synchronous, on-policy: rollouts are never stale
+            self.metrics.set_staleness(0)  # nothing trained yet
         ctl = cfg.control
         if ctl.port is not None:
             from services.control.server import ControlServer, resolve_token
@@ -290,6 +312,7 @@ class Trainer:
 
     def scale_rollouts(self, workers: int) -> int:
         """Resize the rollout pool now (between steps); returns the previous size."""
+        self._settle_prefetch()
         before = {m.name for m in self.pool.workers}
         previous = self.pool.scale(workers)
         if self.metrics is not None:
@@ -365,33 +388,85 @@ class Trainer:
         cfg = self.config
         step = self.step
         t_start = time.perf_counter()
-        indices = self.sampler.next_batch(cfg.data.prompts_per_step)
-        requests = self._requests(step, indices, self.train_set, self.train_ids, "train")
-        rollouts = self.pool.run(requests)
+        rollouts = self._step_rollouts(step)
         summary, times = rollouts.summary, dict(rollouts.times)
+        times["rollout_wait_s"] = time.perf_counter() - t_start
+        syncs = [self._sync_pool()]  # asynchronous mode: the previous update's weights
+        if cfg.rollout.max_staleness and step + 1 < cfg.run.steps:
+            self._start_prefetch(step + 1)
         t0 = time.perf_counter()
         advantages, modulation = self._advantages(step, summary)
         times["modulate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         learner_metrics = self.learners.update(step, rollouts.refs, advantages, self.pad_id)
         times["learn_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        weights = self.learners.weights_ref()
+        self._weights = self.learners.weights_ref()
         self.version += 1
-        sync = self.pool.sync(self.version, weights)
-        self.weight_sync_failures += sync.failures
-        times["sync_s"] = time.perf_counter() - t0
+        if not cfg.rollout.max_staleness:
+            syncs.append(self._sync_pool())
+        times["sync_s"] = sum(seconds for seconds, _ in syncs)
+        sync_failures = sum(result.failures for _, result in syncs if result is not None)
+        load_seconds = {w: t for _, result in syncs if result is not None
+                        for w, t in result.seconds.items()}
         times["step_s"] = time.perf_counter() - t_start
         self.step += 1
         metrics = self._step_metrics(step, summary, advantages, modulation, learner_metrics,
-                                     times, max(sync.seconds.values(), default=0.0))
+                                     times, max(load_seconds.values(), default=0.0))
         if self.metrics is not None:
             self.metrics.record_step(metrics, modulation, self._group_tasks)
-            self.metrics.record_weight_sync(times["sync_s"], ok=sync.failures == 0)
-            for worker, seconds in sync.seconds.items():
+            self.metrics.set_staleness(metrics["staleness"])
+            if any(result is not None for _, result in syncs):
+                self.metrics.record_weight_sync(times["sync_s"], ok=sync_failures == 0)
+            for worker, seconds in load_seconds.items():
                 self.metrics.record_worker(worker, rollouts.per_worker.get(worker, 0), seconds)
         self.last_modulation = modulation
         return StepResult(metrics, modulation)
+
+    # ------------------------------------------------------------------ rollouts ahead
+
+    def _step_rollouts(self, step: int):
+        """This step's scored rollouts: prefetched ones if any, otherwise generated now."""
+        prefetch = self._prefetch
+        if prefetch is not None and prefetch.step == step:
+            self._prefetch = None
+            return prefetch.future.result()
+        self._discard_prefetch()
+        indices = self.sampler.next_batch(self.config.data.prompts_per_step)
+        return self.pool.run(self._requests(step, indices, self.train_set, self.train_ids,
+                                            "train"))
+
+    def _start_prefetch(self, step: int) -> None:
+        """Draw ``step``'s prompts and generate them in the background with the current policy."""
+        sampler_state = self.sampler.state_dict()
+        indices = self.sampler.next_batch(self.config.data.prompts_per_step)
+        requests = self._requests(step, indices, self.train_set, self.train_ids, "train")
+        self._prefetch = Prefetch(step, sampler_state,
+                                  self._prefetcher.submit(self.pool.run, requests))
+
+    def _settle_prefetch(self) -> None:
+        """Wait until a prefetch in flight is done, so the rollout pool is idle; keep its result."""
+        if self._prefetch is not None:
+            wait_futures([self._prefetch.future])
+
+    def _discard_prefetch(self) -> None:
+        """Drop a prefetched step (after it ended) and put its prompts back into the sampler."""
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            wait_futures([prefetch.future])
+            self.sampler.load_state_dict(prefetch.sampler_state)
+
+    def _sync_pool(self) -> tuple[float, SyncResult | None]:
+        """Give the rollout pool the learners' newest weights if it does not hold them yet.
+
+        Returns the seconds it took and the pool's report (None when there was nothing to do).
+        """
+        if self._weights is None or self.pool.version == self.version:
+            return 0.0, None
+        t0 = time.perf_counter()
+        result = self.pool.sync(self.version, self._weights)
+        self.weight_sync_failures += result.failures
+        self._weights = None
+        return time.perf_counter() - t0, result
 
     def _step_metrics(self, step, summary, advantages, modulation, learner, times,
                       weight_load_s) -> dict:
@@ -407,6 +482,7 @@ class Trainer:
         row = {
             "step": step,
             "policy_version": int(summary["policy_version"][0]),
+            "staleness": int(learner.get("staleness", 0)),  # learner version - rollout version
             "rollouts": n,
             # which prompts, in order: equal digests mean the same samples were trained on
             "prompt_digest": hashlib.blake2b(summary["prompt_index"].astype(np.int64).tobytes(),
@@ -505,6 +581,7 @@ class Trainer:
         where = f"checkpoint {checkpoint.name}" if checkpoint else "the start (no checkpoint yet)"
         log.warning("learner failure at step %d (%s); restarting from %s", self.step, failure,
                     where)
+        self._discard_prefetch()
         self._teardown_actors()
         self._count_restart("learner")
         self._count_restart("job")
@@ -520,7 +597,10 @@ class Trainer:
         if self._cooldown > 0:
             self._cooldown -= 1
             return
-        share = timing["generate_s"] / max(timing["step_s"], 1e-9)
+        # Asynchronous mode generates during the update: what counts is how long the step
+        # waited for its rollouts.
+        waited = timing["rollout_wait_s" if self.config.rollout.max_staleness else "generate_s"]
+        share = waited / max(timing["step_s"], 1e-9)
         workers = len(self.pool.workers)
         target = workers
         if share > policy.target_generate_share + policy.tolerance:
@@ -543,7 +623,10 @@ class Trainer:
             self.tokenizer.save_pretrained(str(tmp / "model"))
             if modulator_state is not None:
                 write_json(tmp / "modulator.json", modulator_state)
-            write_json(tmp / "sampler.json", self.sampler.state_dict())
+            # a prefetched step is not trained yet: its prompts are drawn again on resume
+            sampler = (self._prefetch.sampler_state if self._prefetch is not None
+                       else self.sampler.state_dict())
+            write_json(tmp / "sampler.json", sampler)
             write_json(tmp / "trainer.json", {
                 "completed_steps": self.step, "version": self.version,
                 "estimator": self.estimator.state_dict() if self.estimator else {},
@@ -567,6 +650,8 @@ class Trainer:
                 token_ids[i] = t
             self._eval_cache = (split, prompt_set, picks, token_ids)
         _, prompt_set, picks, token_ids = self._eval_cache
+        self._settle_prefetch()
+        self._sync_pool()  # asynchronous mode: the pool may still serve the previous version
         greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
         requests = self._requests(self.step, picks, prompt_set, token_ids, "eval")
         summary = self.pool.run(requests, greedy).summary
@@ -581,6 +666,7 @@ class Trainer:
         return None if self.modulator is None else ray.get(self.modulator.stats.remote())
 
     def _teardown_actors(self) -> None:
+        self._settle_prefetch()
         for part in (self.pool.shutdown, self.learners.shutdown):
             try:
                 part()
@@ -598,6 +684,7 @@ class Trainer:
             self.metrics = None
         if hasattr(self, "learners"):
             self._teardown_actors()
+        self._prefetcher.shutdown(wait=True)
 
 
 def _advertised(host: str) -> str:

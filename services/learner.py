@@ -38,9 +38,11 @@ def _free_port() -> int:
 
 @ray.remote
 class Learner:
-    def __init__(self, rank: int, world_size: int, torch_threads: int = 1):
+    def __init__(self, rank: int, world_size: int, torch_threads: int = 1,
+                 max_staleness: int = 0):
         torch.set_num_threads(torch_threads)
         self.rank, self.world_size = rank, world_size
+        self.max_staleness = max_staleness  # policy versions a batch may lag the learner
         self.core: LearnerCore | None = None
         self.version = 0
 
@@ -66,10 +68,14 @@ class Learner:
         t0 = time.perf_counter()
         table: pa.Table = concat(ray.get(batch_refs))
         versions = np.unique(table.column("policy_version").to_numpy())
-        if versions.size != 1 or versions[0] != self.version:
+        staleness = self.version - int(versions[0])
+        if versions.size != 1 or not 0 <= staleness <= self.max_staleness:
+            allowed = (f"{self.version}, on-policy" if self.max_staleness == 0 else
+                       f"{self.version - self.max_staleness}..{self.version}, "
+                       f"rollout.max_staleness = {self.max_staleness}")
             raise PolicyVersionError(
                 f"step {step}: rollouts carry policy versions {versions.tolist()} but the "
-                f"learner is at version {self.version} (training is on-policy)"
+                f"learner is at version {self.version} (allowed: {allowed})"
             )
         if len(advantages) != table.num_rows:
             raise ValueError(f"{len(advantages)} advantages for {table.num_rows} rollouts")
@@ -77,8 +83,10 @@ class Learner:
         tensors["advantages"] = torch.tensor(advantages, dtype=torch.float32)
         local = shard_batch(tensors, self.rank, self.world_size)
         fetch = time.perf_counter() - t0
-        metrics = self.core.update(local, global_batch_size=table.num_rows)
+        metrics = self.core.update(local, global_batch_size=table.num_rows,
+                                   check_mismatch=staleness == 0)
         self.version += 1
+        metrics["staleness"] = staleness
         metrics["fetch_s"] = fetch
         metrics["update_s"] = time.perf_counter() - t0 - fetch
         return metrics
@@ -105,7 +113,7 @@ class LearnerGroup:
 
     def __init__(self, world_size: int, model_dir: str, core_kwargs: dict, *,
                  cpus: float = 1.0, gpus: float = 0.0, resources: dict | None = None,
-                 torch_threads: int = 1, version: int = 0):
+                 torch_threads: int = 1, version: int = 0, max_staleness: int = 0):
         resources = dict(resources or {})
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **resources}
         self.pg = placement_group([bundle] * world_size, strategy="PACK")
@@ -115,7 +123,7 @@ class LearnerGroup:
                 num_cpus=cpus, num_gpus=gpus, resources=resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),
-            ).remote(rank, world_size, torch_threads)
+            ).remote(rank, world_size, torch_threads, max_staleness)
             for rank in range(world_size)
         ]
         master = ray.get(self.learners[0].address.remote())

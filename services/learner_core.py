@@ -284,7 +284,8 @@ class LearnerCore:
 
     # -------------------------------------------------------------------- update
 
-    def update(self, batch: dict[str, torch.Tensor], *, global_batch_size: int) -> dict[str, float]:
+    def update(self, batch: dict[str, torch.Tensor], *, global_batch_size: int,
+               check_mismatch: bool = True) -> dict[str, float]:
         """Run ``ppo_epochs`` passes of mini-batch steps over this rank's share of the batch.
 
         ``batch`` is this rank's slice (:func:`shard_batch`) of a global batch of
@@ -293,6 +294,10 @@ class LearnerCore:
         statistics, per-step means of ``loss``, ``grad_norm`` and ``lr``, the rollout/learner
         log-prob mismatch on the first mini-batch (measured before any optimizer step), and
         the global ``n_sequences`` / ``n_tokens`` of the batch.
+
+        ``check_mismatch=False`` is for rollouts of an older policy version (asynchronous
+        mode): their log-probs differ from the learner's by the updates since, so the gap is
+        still measured but is not an error.
         """
         batch = self._check_batch(batch, global_batch_size)
         if self.ref_model is not None:
@@ -307,7 +312,8 @@ class LearnerCore:
             for start in range(0, local_size, local_mini):
                 mini = {key: value[start:start + local_mini] for key, value in batch.items()}
                 first = epoch == 0 and start == 0
-                self._train_mini_batch(mini, totals, measure_mismatch=first)
+                self._train_mini_batch(mini, totals, measure_mismatch=first,
+                                       check_mismatch=first and check_mismatch)
         totals["n_sequences"] = float(local_size)
         totals["n_tokens"] = float(batch["response_mask"].sum())
         return self._finish_metrics(totals)
@@ -336,7 +342,7 @@ class LearnerCore:
             dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
         return values
 
-    def _train_mini_batch(self, mini, totals, measure_mismatch):
+    def _train_mini_batch(self, mini, totals, measure_mismatch, check_mismatch):
         """Accumulate gradients over micro-batches, then take one optimizer step.
 
         Exact data-parallel scaling: let ``N`` be the global normalizer of the mini-batch (the
@@ -363,7 +369,7 @@ class LearnerCore:
                 loss, stats, logits, logprobs = self._micro_loss(micro, normalizer)
                 (loss * self.world_size).backward()
             self._record_micro(micro, stats, logits, logprobs, loss, totals, measure_mismatch)
-        if measure_mismatch and self.logprob_tolerance is not None:
+        if check_mismatch and self.logprob_tolerance is not None:
             self._check_mismatch(totals["mismatch_max"])
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)

@@ -30,6 +30,8 @@ def test_defaults_are_the_papers():
     (_with("rollout", group_size=1),
      r"rollout.group_size: Input should be greater than or equal to 2 \(got 1\)"),
     (_with("rollout", backend="tgi"), r"rollout.backend: Input should be 'hf' or 'vllm'"),
+    (_with("rollout", max_staleness=2),
+     r"rollout.max_staleness: Input should be less than or equal to 1 \(got 2\)"),
     (_with("rollout", grup_size=4), r"rollout.grup_size: unknown field"),
     (_with("algorithm", estimator="ppo"),
      r"algorithm.estimator: unknown estimator 'ppo'; available: \[.*'harpo'"),
