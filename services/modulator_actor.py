@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import ray
@@ -33,8 +34,10 @@ class ModulatorService:
         self.modulator = HarpoModulator(config)
         self.state_path = Path(state_path) if state_path else None
         self.restarts = 0  # times Ray restarted this actor after a crash
-        if (ray.get_runtime_context().was_current_actor_reconstructed
-                and self.state_path is not None and self.state_path.is_file()):
+        with warnings.catch_warnings():  # Ray 2.60 warns from inside its own property
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        if reconstructed and self.state_path is not None and self.state_path.is_file():
             saved = json.loads(self.state_path.read_text())
             state, self.restarts = saved["modulator"], saved["restarts"] + 1
         if state is not None:
