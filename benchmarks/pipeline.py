@@ -88,13 +88,19 @@ def run_pipeline(config, steps: int, warmup: int) -> dict:
     return out
 
 
-def step_prompts(assets, steps: int) -> list[list[str]]:
-    """The prompts the pipeline's sampler draws, step by step (seed 0), for the other runs."""
+def step_rows(assets, steps: int) -> tuple:
+    """The prompt set and the rows the pipeline's sampler draws, step by step (seed 0)."""
     from harpo_core.data import TaskStratifiedSampler, load_prompts
 
     prompt_set = load_prompts(assets.data_dir, "train")
     sampler = TaskStratifiedSampler(prompt_set, seed=0)
-    return [[prompt_set.prompts[i] for i in sampler.next_batch(PROMPTS)] for _ in range(steps)]
+    return prompt_set, [sampler.next_batch(PROMPTS) for _ in range(steps)]
+
+
+def step_prompts(assets, steps: int) -> list[list[str]]:
+    """The prompts the pipeline's sampler draws, step by step (seed 0), for the other runs."""
+    prompt_set, batches = step_rows(assets, steps)
+    return [[prompt_set.prompts[i] for i in rows] for rows in batches]
 
 
 def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
@@ -221,11 +227,15 @@ def run_trl(assets, steps: int, warmup: int) -> dict | None:
     from services.chat import render_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(assets.model_dir))
-    # the same prompts as the pipeline, chat-templated as the pipeline does it; TRL's sampler
-    # shuffles them, so steps see the same prompts in another grouping
-    prompts = render_prompts(tokenizer, [p for batch in step_prompts(assets, steps + 1)
-                                         for p in batch])
+    # the same prompts as the pipeline, chat-templated as the pipeline does it, scored by the
+    # same reward; TRL's sampler shuffles them, so steps see the same prompts in another grouping
+    prompt_set, batches = step_rows(assets, steps + warmup)
+    rows = [i for batch in batches for i in batch]
+    prompts = render_prompts(tokenizer, [prompt_set.prompts[i] for i in rows])
     return run_trl_grpo(str(assets.model_dir), prompts, steps=steps,
+                        answers=[prompt_set.answers[i] for i in rows],
+                        task_types=[prompt_set.task_types[prompt_set.task_codes[i]]
+                                    for i in rows],
                         prompts_per_step=PROMPTS, group_size=SAMPLES,
                         max_new_tokens=NEW_TOKENS, warmup_steps=warmup)
 

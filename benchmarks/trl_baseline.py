@@ -86,10 +86,28 @@ def _distinct_char_reward(completions, **_) -> list[float]:
     return [len(set(c)) / 32.0 for c in completions]
 
 
+def harpo_reward(max_response_length: int):
+    """harpo's own reward (the pipeline's ``RewardComposer``: exact match or sentence
+    similarity, format, overlong) as a TRL reward function reading the dataset's ``answer``
+    and ``task_type`` columns, so both trainers pay for the same scoring."""
+    from harpo_core.rewards import RewardComposer, RewardConfig
+
+    composer = RewardComposer(RewardConfig(max_response_length=max_response_length))
+
+    def reward(completions, completion_ids, answer, task_type, **_):
+        result = composer.score(responses=completions, answers=answer, task_types=task_type,
+                                response_lengths=[len(ids) for ids in completion_ids])
+        return result.total.tolist()
+
+    return reward
+
+
 def run_trl_grpo(
     model_dir: str,
     prompts: list[str],
     *,
+    answers: list[str] | None = None,
+    task_types: list[str] | None = None,
     steps: int,
     prompts_per_step: int = 8,
     group_size: int = 8,
@@ -100,7 +118,8 @@ def run_trl_grpo(
     """Train TRL ``GRPOTrainer`` on CPU for ``warmup_steps + steps`` optimizer steps and time them.
 
     ``prompts`` are used verbatim as plain-text prompts (apply a chat template beforehand if the
-    comparison calls for one). Each step uses ``prompts_per_step`` prompts x ``group_size``
+    comparison calls for one). With ``answers`` and ``task_types`` (one per prompt) the reward is
+    harpo's own (:func:`harpo_reward`); without them, a trivially cheap stand-in. Each step uses ``prompts_per_step`` prompts x ``group_size``
     completions of exactly ``max_new_tokens`` tokens (``min_new_tokens`` suppresses eos). See the
     module docstring for what one step does.
 
@@ -133,8 +152,14 @@ def run_trl_grpo(
     # Enough rows for every step without wrapping an epoch (RepeatSampler draws without
     # replacement).
     needed = total_steps * prompts_per_step
-    rows = [prompts[i % len(prompts)] for i in range(max(needed, len(prompts)))]
-    train_dataset = datasets.Dataset.from_dict({"prompt": rows})
+    order = [i % len(prompts) for i in range(max(needed, len(prompts)))]
+    columns = {"prompt": [prompts[i] for i in order]}
+    score = _distinct_char_reward
+    if answers is not None and task_types is not None:
+        columns["answer"] = [answers[i] for i in order]
+        columns["task_type"] = [task_types[i] for i in order]
+        score = harpo_reward(max_new_tokens)
+    train_dataset = datasets.Dataset.from_dict(columns)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
@@ -197,9 +222,9 @@ def run_trl_grpo(
             lengths = [len(ids) for ids in completion_ids]
             completion_tokens.append(sum(lengths))
             min_lens.append(min(lengths))
-            return _distinct_char_reward(completions)
+            return score(completions, completion_ids=completion_ids, **kw)
 
-        reward.__name__ = "distinct_chars"
+        reward.__name__ = "reward"
 
         class StepTimer(TrainerCallback):
             def __init__(self):
