@@ -183,6 +183,9 @@ class LearnerSection(_Section):
     kl_coef: Annotated[float, Field(ge=0.0)] = 0.0
     kl_estimator: Literal["k1", "k3"] = "k3"
     logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] = 1e-3
+    # One packed forward pass per GRPO group (its prompt computed once); needs an attention
+    # backend that takes a 4D mask (eager, SDPA). false: every response runs on its own.
+    shared_prompt_forward: bool = True
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per learner

@@ -9,6 +9,12 @@ The model is wrapped in ``DistributedDataParallel`` and each rank scales its los
 averaged gradient equals the gradient of the loss over the whole global mini-batch, making N
 ranks take the same optimizer steps as one rank with the whole batch (see ``_train_mini_batch``).
 
+Forward passes: with ``shared_prompt=True`` (the default) the rows of a batch that share a
+prompt — a GRPO group — go through the model as one packed row, so each prompt is computed once
+per group instead of once per response (:mod:`harpo_core.packing`; same log-probs to float
+rounding). ``shared_prompt=False`` runs every row on its own, for attention backends that take
+no 4D mask.
+
 Checkpoints hold only safetensors and JSON: nothing is ever unpickled.
 """
 
@@ -30,10 +36,11 @@ from transformers import AutoModelForCausalLM
 from harpo_core.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
-    masked_entropy_from_logits,
     policy_loss,
+    token_entropy,
     token_logprobs,
 )
+from harpo_core.packing import shared_prompt_forward
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages")
@@ -209,6 +216,7 @@ class LearnerCore:
         world_size: int = 1,
         device: str = "cpu",
         logprob_tolerance: float | None = None,
+        shared_prompt: bool = True,
     ):
         _validate_args(
             lr=lr, weight_decay=weight_decay, betas=betas, max_grad_norm=max_grad_norm,
@@ -229,6 +237,7 @@ class LearnerCore:
         )
         self.aggregation = aggregation
         self.logprob_tolerance = logprob_tolerance
+        self.shared_prompt = shared_prompt
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
@@ -238,6 +247,11 @@ class LearnerCore:
         self.ref_model = None
         if use_reference:
             self.ref_model = self._load_model(model_dir).requires_grad_(False)
+        attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        if shared_prompt and attention not in ("eager", "sdpa"):
+            raise ValueError(
+                f"shared-prompt forward passes need eager or sdpa attention (a 4D mask); this "
+                f"model uses {attention!r}: set learner.shared_prompt_forward: false")
         self.train_model = self.model
         if world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -258,9 +272,20 @@ class LearnerCore:
 
     # ----------------------------------------------------------------- log-probs
 
+    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token log-probs ``[B, T]`` (valid on ``response_mask``) and the logits that predicted
+        the response tokens ``[N, V]`` (rows in order, tokens in order)."""
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        response = batch["response_mask"]
+        if self.shared_prompt:
+            return shared_prompt_forward(model, ids, attention, response)
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        return token_logprobs(logits, ids), logits[:, :-1][response[:, 1:].bool()]
+
     @torch.no_grad()
     def compute_logprobs(self, batch: dict, micro_batch_size: int | None = None) -> torch.Tensor:
-        """Log-probs ``[B, T]`` of ``batch["input_ids"]`` under the current policy (on CPU)."""
+        """Log-probs ``[B, T]`` of ``batch["input_ids"]`` under the current policy (on CPU),
+        at every position (one plain forward pass per row)."""
         return self._logprobs(self.model, batch, micro_batch_size).cpu()
 
     @torch.no_grad()
@@ -302,7 +327,11 @@ class LearnerCore:
         batch = self._check_batch(batch, global_batch_size)
         if self.ref_model is not None:
             with torch.no_grad():
-                batch["ref_logprobs"] = self._logprobs(self.ref_model, batch, None)
+                size = self.micro_batch_size or len(batch["input_ids"])
+                batch["ref_logprobs"] = torch.cat([
+                    self._forward(self.ref_model,
+                                  {k: v[start:start + size] for k, v in batch.items()})[0]
+                    for start in range(0, len(batch["input_ids"]), size)])
         totals = {"steps": 0.0, "skipped_steps": 0.0, "loss": 0.0, "grad_norm": 0.0, "lr": 0.0,
                   "stat_tokens": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0,
                   "mismatch_max": 0.0, **{name: 0.0 for name in TOKEN_STATS}}
@@ -366,9 +395,10 @@ class LearnerCore:
             last = start == starts[-1]
             sync = nullcontext() if last or self.world_size == 1 else self.train_model.no_sync()
             with sync:
-                loss, stats, logits, logprobs = self._micro_loss(micro, normalizer)
+                loss, stats, predicting, logprobs = self._micro_loss(micro, normalizer)
                 (loss * self.world_size).backward()
-            self._record_micro(micro, stats, logits, logprobs, loss, totals, measure_mismatch)
+            self._record_micro(micro, stats, predicting, logprobs, loss, totals,
+                               measure_mismatch)
         if check_mismatch and self.logprob_tolerance is not None:
             self._check_mismatch(totals["mismatch_max"])
 
@@ -400,21 +430,19 @@ class LearnerCore:
                 f"rollout workers do not serve the learner's weights; no update was made")
 
     def _micro_loss(self, micro, normalizer):
-        logits = self.train_model(
-            input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]
-        ).logits
-        logprobs = token_logprobs(logits, micro["input_ids"])
+        logprobs, predicting = self._forward(self.train_model, micro)
         loss, stats = policy_loss(
             logprobs, micro["old_logprobs"], micro["advantages"], micro["response_mask"],
             ref_logprobs=micro.get("ref_logprobs"), normalizer=normalizer, **self.loss_kwargs,
         )
-        return loss, stats, logits, logprobs
+        return loss, stats, predicting, logprobs
 
     @torch.no_grad()
-    def _record_micro(self, micro, stats, logits, logprobs, loss, totals, measure_mismatch):
+    def _record_micro(self, micro, stats, predicting, logprobs, loss, totals, measure_mismatch):
         mask = micro["response_mask"].bool()
         n_tokens = float(mask.sum())
-        stats["entropy"] = masked_entropy_from_logits(logits.detach(), mask).item()
+        stats["entropy"] = (token_entropy(predicting.detach()[None]).mean().item()
+                            if n_tokens else 0.0)
         for name, value in stats.items():
             totals[name] += value * n_tokens
         totals["stat_tokens"] += n_tokens

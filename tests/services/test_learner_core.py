@@ -28,14 +28,19 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def make_batch(seed=0, old_logprobs=None):
-    """Right-padded prompt + response rows of different lengths; row 5 has no response."""
+def make_batch(seed=0, old_logprobs=None, grouped=False):
+    """Right-padded prompt + response rows of different lengths; row 5 has no response.
+
+    ``grouped``: rows 0-3 and rows 4-7 share a prompt, as the responses of a GRPO group do."""
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=gen)
     attention_mask = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
     response_mask = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
     for row in range(BATCH):
         prompt = 2 + row % 3
+        if grouped:
+            prompt = 3 + row // 4
+            input_ids[row, :prompt] = input_ids[row - row % 4, :prompt]
         response = 0 if row == 5 else 1 + (3 * row) % (SEQ_LEN - prompt)
         attention_mask[row, : prompt + response] = 1
         response_mask[row, prompt : prompt + response] = 1
@@ -119,21 +124,33 @@ def test_non_finite_gradients_skip_the_step(model_dir):
 
 # ----------------------------------------------------------- data parallel equivalence
 
+# The plain forward pass: every rank's rows go through kernels of the same shapes as one rank's,
+# so the weights agree to 1e-6. The shared-prompt pass (on a grouped batch) packs each rank's
+# half of a group into a shorter row than one rank's whole group: the attention sums change
+# shape and order, hence the looser check on the weights.
 DDP_CONFIGS = [
-    dict(aggregation="seq-mean-token-mean"),
-    dict(aggregation="token-mean"),
-    dict(aggregation="seq-mean-token-mean", kl_coef=0.5, use_reference=True, micro_batch_size=1),
+    dict(aggregation="seq-mean-token-mean", shared_prompt=False),
+    dict(aggregation="token-mean", shared_prompt=False),
+    dict(aggregation="seq-mean-token-mean", kl_coef=0.5, use_reference=True, micro_batch_size=1,
+         shared_prompt=False),
+    dict(aggregation="seq-mean-token-mean", shared_prompt=True),
+    dict(aggregation="token-mean", kl_coef=0.5, use_reference=True, shared_prompt=True),
 ]
 
 
-def ddp_worker(rank, world_size, port, model_dir, batch, out_dir):
+def ddp_batch(config):
+    return make_batch(seed=1, grouped=config["shared_prompt"])
+
+
+def ddp_worker(rank, world_size, port, model_dir, out_dir):
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         for index, config in enumerate(DDP_CONFIGS):
             learner = LearnerCore(model_dir, rank=rank, world_size=world_size, **COMMON, **config)
-            metrics = learner.update(shard_batch(batch, rank, world_size), global_batch_size=BATCH)
+            metrics = learner.update(shard_batch(ddp_batch(config), rank, world_size),
+                                     global_batch_size=BATCH)
             if rank == 0:
                 save_file(learner.state_dict_cpu(), os.path.join(out_dir, f"{index}.safetensors"))
                 with open(os.path.join(out_dir, f"{index}.json"), "w") as f:
@@ -149,15 +166,20 @@ def free_port():
 
 
 def test_two_ranks_match_one_rank_on_the_whole_batch(model_dir, tmp_path):
-    batch = make_batch(seed=1)
-    mp.spawn(ddp_worker, args=(2, free_port(), model_dir, batch, str(tmp_path)), nprocs=2)
+    mp.spawn(ddp_worker, args=(2, free_port(), model_dir, str(tmp_path)), nprocs=2)
     for index, config in enumerate(DDP_CONFIGS):
         single = LearnerCore(model_dir, **COMMON, **config)
-        metrics = single.update(batch, global_batch_size=BATCH)
+        metrics = single.update(ddp_batch(config), global_batch_size=BATCH)
         assert 0 < metrics["clip_frac"] < 1  # the clipped branch is exercised
         ddp_params = load_file(str(tmp_path / f"{index}.safetensors"))
-        for name, value in single.state_dict_cpu().items():
-            assert torch.allclose(value, ddp_params[name], atol=1e-6, rtol=0), (config, name)
+        if not config["shared_prompt"]:
+            for name, value in single.state_dict_cpu().items():
+                assert torch.allclose(value, ddp_params[name], atol=1e-6, rtol=0), (config, name)
+        else:  # Adam's first step (~ lr * sign(g)) blows up rounding only where g is ~0
+            diffs = torch.cat([(value - ddp_params[name]).abs().flatten()
+                               for name, value in single.state_dict_cpu().items()])
+            assert (diffs > 1e-6).float().mean() < 1e-3, config
+            assert diffs.mean() < 1e-8, config
         ddp_metrics = json.loads((tmp_path / f"{index}.json").read_text())
         # Adam hides a constant gradient scale; the pre-clip norm does not.
         for name in ("grad_norm", "loss", "clip_frac", "entropy", "n_tokens", "n_sequences"):
