@@ -7,6 +7,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     StoppingCriteria,
     StoppingCriteriaList,
     StopStringCriteria,
@@ -38,10 +39,18 @@ class _FirstStop(StoppingCriteria):
 
 
 class HFBackend:
-    """Batched sampling with ``model.generate``; log-probs from the same forward passes."""
+    """Batched sampling with ``model.generate``; log-probs from the same forward passes.
 
-    def __init__(self, model_dir: str, *, device: str = "cpu", dtype=torch.float32):
+    With ``shared_prefill`` (the default) the ``n`` samples of a prompt share one prompt
+    pass: the prompts (but their last token) are run once, the KV cache is repeated ``n``
+    times, and ``generate`` continues from it — the same tokens from the same seed as a
+    plain ``generate`` over ``n`` copies of every prompt, for a fraction of the prefill work.
+    """
+
+    def __init__(self, model_dir: str, *, device: str = "cpu", dtype=torch.float32,
+                 shared_prefill: bool = True):
         self.device = torch.device(device)
+        self.shared_prefill = shared_prefill
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model.to(self.device).eval()
@@ -75,10 +84,14 @@ class HFBackend:
         stops = None
         if params.stop:
             stops = _FirstStop(self.tokenizer, params.stop, width)
+        cache = None
+        if self.shared_prefill and params.n > 1 and width > 1:
+            cache = self._prompt_cache(torch.from_numpy(ids), torch.from_numpy(mask), params.n)
         torch.manual_seed(seed)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
+            past_key_values=cache,
             do_sample=not greedy,
             temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p,
@@ -107,6 +120,19 @@ class HFBackend:
             stopped |= ends > 0
         return Generation(token_ids=new, logprobs=logprobs.cpu().numpy().astype(np.float32),
                           lengths=lengths, stopped=stopped)
+
+    def _prompt_cache(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> DynamicCache:
+        """KV cache of every left-padded prompt but its last token, repeated ``n`` times:
+        ``generate`` then runs only the last prompt token before sampling, as it would have
+        after its own prefill (positions from the attention mask, as ``generate`` sets them)."""
+        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=ids[:, :-1].to(self.device),
+                   attention_mask=mask[:, :-1].to(self.device),
+                   position_ids=positions[:, :-1].to(self.device),
+                   past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def shutdown(self) -> None:
         """Nothing to release: the model is ordinary process memory."""
