@@ -104,6 +104,7 @@ class Learner:
         self.version = version
 
     def shutdown(self) -> None:
+        self.core = None  # free the DDP wrapper while its process group still exists
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

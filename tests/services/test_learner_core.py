@@ -155,6 +155,10 @@ def ddp_worker(rank, world_size, port, model_dir, out_dir):
                 save_file(learner.state_dict_cpu(), os.path.join(out_dir, f"{index}.safetensors"))
                 with open(os.path.join(out_dir, f"{index}.json"), "w") as f:
                     json.dump(metrics, f)
+            # Free the DDP wrapper while the process group lives: destroying it after
+            # destroy_process_group can block forever once the other rank has exited.
+            del learner
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
