@@ -297,13 +297,18 @@ class LearnerCore:
             raise ValueError("compute_ref_logprobs needs LearnerCore(..., use_reference=True)")
         return self._logprobs(self.ref_model, batch, micro_batch_size).cpu()
 
-    def _logprobs(self, model, batch, micro_batch_size):
+    def _logprobs(self, model, batch, micro_batch_size, *, responses_only: bool = False):
+        """Log-probs ``[B, T]`` in micro-batches: at every position, or (``responses_only``)
+        on ``response_mask`` only, through the update's own forward pass (:meth:`_forward`)."""
         size = micro_batch_size or self.micro_batch_size or len(batch["input_ids"])
         chunks = []
         for start in range(0, len(batch["input_ids"]), size):
-            ids = batch["input_ids"][start:start + size].to(self.device)
-            attention = batch["attention_mask"][start:start + size].to(self.device)
-            logits = model(input_ids=ids, attention_mask=attention).logits
+            chunk = {k: v[start:start + size].to(self.device) for k, v in batch.items()}
+            if responses_only:
+                chunks.append(self._forward(model, chunk)[0])
+                continue
+            ids = chunk["input_ids"]
+            logits = model(input_ids=ids, attention_mask=chunk["attention_mask"]).logits
             chunks.append(token_logprobs(logits, ids))
         return torch.cat(chunks)
 
@@ -327,11 +332,8 @@ class LearnerCore:
         batch = self._check_batch(batch, global_batch_size)
         if self.ref_model is not None:
             with torch.no_grad():
-                size = self.micro_batch_size or len(batch["input_ids"])
-                batch["ref_logprobs"] = torch.cat([
-                    self._forward(self.ref_model,
-                                  {k: v[start:start + size] for k, v in batch.items()})[0]
-                    for start in range(0, len(batch["input_ids"]), size)])
+                batch["ref_logprobs"] = self._logprobs(self.ref_model, batch, None,
+                                                       responses_only=True)
         totals = {"steps": 0.0, "skipped_steps": 0.0, "loss": 0.0, "grad_norm": 0.0, "lr": 0.0,
                   "stat_tokens": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0,
                   "mismatch_max": 0.0, **{name: 0.0 for name in TOKEN_STATS}}
