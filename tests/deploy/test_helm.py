@@ -95,25 +95,25 @@ def sync_assets():
 # ------------------------------------------------------------------------------ rendering
 
 
+def helm(command: str, *args: str, values_files=(), sets=()):
+    """``helm COMMAND ARGS`` on the chart with ``-f`` values files and ``--set`` overrides."""
+    for f in values_files:
+        args += ("-f", str(f))
+    for s in sets:
+        args += ("--set", s)
+    return run(tool("helm"), command, *args)
+
+
 def helm_template(*values_files: Path, sets: tuple[str, ...] = (),
                   release: str = "harpo") -> list[dict]:
-    args = [tool("helm"), "template", release, str(CHART), "--namespace", "ml"]
-    for f in values_files:
-        args += ["-f", str(f)]
-    for s in sets:
-        args += ["--set", s]
-    result = run(*args)
+    result = helm("template", release, str(CHART), "--namespace", "ml",
+                  values_files=values_files, sets=sets)
     assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
     return validator().load_documents(result.stdout)
 
 
 def helm_error(*values_files: Path, sets: tuple[str, ...] = ()) -> str:
-    args = [tool("helm"), "template", "harpo", str(CHART)]
-    for f in values_files:
-        args += ["-f", str(f)]
-    for s in sets:
-        args += ["--set", s]
-    result = run(*args)
+    result = helm("template", "harpo", str(CHART), values_files=values_files, sets=sets)
     assert result.returncode != 0, "helm template accepted values it should reject"
     return result.stderr
 
@@ -273,6 +273,17 @@ def assert_config_valid(config: dict) -> None:
     parse_config(config, source="rendered config.yaml")
 
 
+def assert_deployable(docs: list[dict], *, gpu: bool) -> None:
+    """What every rendering (chart case or kustomization) must satisfy."""
+    assert_valid(docs)
+    assert_secure(docs)
+    assert_network_policy(docs)
+    config = train_config(docs)
+    assert_config_valid(config)
+    assert_driver_service(docs, config)
+    assert_worker_groups(docs, config, gpu=gpu)
+
+
 def assert_worker_groups(docs: list[dict], config: dict, *, gpu: bool) -> None:
     spec = cluster_spec(docs)
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
@@ -324,12 +335,7 @@ def test_examples_exist():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_lint_strict(case):
     files, sets = CASES[case]
-    args = [tool("helm"), "lint", "--strict", str(CHART)]
-    for f in files:
-        args += ["-f", str(f)]
-    for s in sets:
-        args += ["--set", s]
-    result = run(*args)
+    result = helm("lint", "--strict", str(CHART), values_files=files, sets=sets)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
     assert "0 chart(s) failed" in result.stdout
@@ -339,13 +345,7 @@ def test_lint_strict(case):
 def test_renders_valid_secure_manifests(case):
     files, sets = CASES[case]
     docs = helm_template(*files, sets=sets)
-    assert_valid(docs)
-    assert_secure(docs)
-    assert_network_policy(docs)
-    config = train_config(docs)
-    assert_config_valid(config)
-    assert_driver_service(docs, config)
-    assert_worker_groups(docs, config, gpu=case != "cpu-smoke")
+    assert_deployable(docs, gpu=case != "cpu-smoke")
     kinds = {d["kind"] for d in docs}
     values = yaml.safe_load(files[0].read_text()) if files else {}
     if values.get("mode", "job") == "cluster" or "mode=cluster" in sets:

@@ -17,12 +17,7 @@ import yaml
 from tests.deploy.test_helm import (
     DASHBOARD,
     RULES,
-    assert_config_valid,
-    assert_driver_service,
-    assert_network_policy,
-    assert_secure,
-    assert_valid,
-    assert_worker_groups,
+    assert_deployable,
     by_kind,
     helm_template,
     one,
@@ -52,14 +47,7 @@ def test_every_kustomization_is_tested():
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_renders_valid_secure_manifests(path):
-    docs = kustomize(path)
-    assert_valid(docs)
-    assert_secure(docs)
-    assert_network_policy(docs)
-    config = train_config(docs)
-    assert_config_valid(config)
-    assert_driver_service(docs, config)
-    assert_worker_groups(docs, config, gpu=path != "overlays/cpu-smoke")
+    assert_deployable(kustomize(path), gpu=path != "overlays/cpu-smoke")
 
 
 def test_base_is_a_long_lived_autoscaled_raycluster():
