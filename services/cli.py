@@ -149,9 +149,11 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from services.demo import run_demo
+    from services.demo import RL_STEPS, SFT_STEPS, run_demo
 
-    run_demo(args.workdir, steps=args.steps, sft_seconds=args.sft_seconds, address=args.address)
+    # the defaults live in services/demo.py, imported only when the command runs
+    run_demo(args.workdir, steps=args.steps or RL_STEPS, sft_steps=args.sft_steps or SFT_STEPS,
+             sft_seconds=args.sft_seconds, address=args.address)
     return 0
 
 
@@ -227,9 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a tiny model and task suite, warm-start it, train "
                                    "it with HARPO on local Ray, and report per-task results.")
     p.add_argument("--workdir", default="runs/demo", help="where assets and the run go")
-    p.add_argument("--steps", type=positive_int, default=60, help="RL steps (default 60)")
-    p.add_argument("--sft-seconds", type=float, default=75.0,
-                   help="time budget of the supervised warm start")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="RL steps (default 40, services/demo.py RL_STEPS)")
+    p.add_argument("--sft-steps", type=positive_int, default=None,
+                   help="steps of the supervised warm start (default 200, services/demo.py "
+                        "SFT_STEPS); the same steps give the same model")
+    p.add_argument("--sft-seconds", type=float, default=None,
+                   help="optional safety cap on the warm start's time (a capped run is not "
+                        "reproducible)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.set_defaults(fn=_cmd_demo)
 
@@ -245,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data directory (parquet shards)")
     p.add_argument("--out", required=True, help="where the fine-tuned model goes")
     p.add_argument("--steps", type=positive_int, default=600)
-    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="optional safety cap: stop after this many seconds (the lr schedule "
+                        "follows --steps, so a capped run is not reproducible)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.set_defaults(fn=_cmd_sft)
 

@@ -89,10 +89,12 @@ def sft(
 ) -> dict:
     """Fine-tune on the train split and save model + tokenizer (safetensors) to ``out_dir``.
 
-    AdamW with linear warmup and cosine decay to 10% of ``lr``; each step draws
-    ``batch_size`` random examples (all tasks mixed). Stops after ``steps`` or after
-    ``max_seconds``, whichever comes first; with a time limit the decay follows the wall
-    clock, so such a run is not reproducible bit for bit. Returns loss and timing metrics,
+    AdamW with linear warmup and cosine decay to 10% of ``lr`` over ``steps``; each step draws
+    ``batch_size`` random examples (all tasks mixed) from ``seed``. The schedule and the batches
+    depend on the step count only, so two runs with the same arguments (``num_threads``
+    included) on one machine give bitwise the same weights. ``max_seconds`` is an optional
+    safety cap: a run that exceeds it stops after the step in flight, is marked
+    ``stopped_early`` and is not reproducible. Returns the settings, loss and timing metrics,
     also written to ``out_dir/sft_metrics.json``.
     """
     torch.set_num_threads(num_threads)
@@ -118,14 +120,8 @@ def sft(
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
-        elapsed = time.perf_counter() - start
-        if max_seconds is not None and elapsed > max_seconds:
-            break
-        frac = (step - warmup_steps) / max(steps - warmup_steps, 1)
-        if max_seconds is not None:  # decay by the wall-clock budget if that ends first
-            frac = max(frac, elapsed / max_seconds)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, frac)
+            group["lr"] = lr_at(step, (step - warmup_steps) / max(steps - warmup_steps, 1))
         batch = [examples[i] for i in rng.integers(len(examples), size=batch_size)]
         optimizer.zero_grad(set_to_none=True)
         losses.append(_accumulate_grads(model, batch, tokenizer.pad_token_id, micro_batch_size))
@@ -134,6 +130,9 @@ def sft(
         if progress and (step % 50 == 0 or step == steps - 1):
             print(f"sft step {step:4d}  loss {losses[-1]:.4f}  "
                   f"{time.perf_counter() - start:6.1f}s", flush=True)
+        # checked after the step, so a capped run still trains (and saves) at least one step
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
     wall = time.perf_counter() - start
 
     out_dir = Path(out_dir)
@@ -142,6 +141,12 @@ def sft(
     window = max(1, min(10, len(losses) // 4))
     metrics = {
         "steps": len(losses),
+        "stopped_early": len(losses) < steps,  # hit max_seconds: not reproducible
+        # what the run was asked for, so a caller can tell whether a saved model matches
+        "settings": {"steps": steps, "batch_size": batch_size,
+                     "micro_batch_size": micro_batch_size, "lr": lr, "seed": seed,
+                     "warmup_steps": warmup_steps, "max_length": max_length,
+                     "num_threads": num_threads},
         "loss_first": float(np.mean(losses[:window])),
         "loss_last": float(np.mean(losses[-window:])),
         "train_seconds": round(wall, 2),

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_end_to_end_and_reports_every_task(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", "demo", "--workdir", str(tmp_path),
-         "--steps", "2", "--sft-seconds", "8"],
+         "--steps", "2", "--sft-steps", "5"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -29,3 +29,5 @@ def test_demo_runs_end_to_end_and_reports_every_task(tmp_path):
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "step-000002" / "MANIFEST.json").is_file()
     assert (tmp_path / "demo.yaml").is_file()  # the config, reusable with `harpo train`
+    sft = json.loads((tmp_path / "sft-model" / "sft_metrics.json").read_text())
+    assert sft["steps"] == 5 and not sft["stopped_early"]  # bounded by steps, not by time

@@ -5,6 +5,7 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -139,3 +140,30 @@ def test_short_sft_lowers_loss_and_saves_safetensors(assets, tmp_path):
     assert set(report) == set(SUITE)
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["format"] <= 1 and r["n"] == 2
                for r in report.values())
+
+
+def test_sft_is_step_bounded_and_bitwise_reproducible(assets, tmp_path):
+    # two threads, as the demo uses: same settings and thread count, same bits
+    kwargs = dict(steps=3, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=1, seed=5,
+                  num_threads=2)
+    first = sft(assets.model_dir, assets.data_dir, tmp_path / "a", **kwargs)
+    # a generous time cap must not change anything: the schedule follows the steps only
+    second = sft(assets.model_dir, assets.data_dir, tmp_path / "b", max_seconds=3600, **kwargs)
+    for metrics in (first, second):
+        assert metrics["steps"] == 3 and not metrics["stopped_early"]
+        assert metrics["settings"]["steps"] == 3 and metrics["settings"]["seed"] == 5
+    assert first["loss_first"] == second["loss_first"]
+    assert first["loss_last"] == second["loss_last"]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    start = load_file(assets.model_dir / "model.safetensors")
+    assert any(not a[k].equal(start[k]) for k in a)  # it did train
+
+
+def test_sft_time_cap_stops_early_and_says_so(assets, tmp_path):
+    metrics = sft(assets.model_dir, assets.data_dir, tmp_path / "capped", steps=50,
+                  batch_size=4, micro_batch_size=2, warmup_steps=1, num_threads=1,
+                  max_seconds=0.0)
+    assert metrics["steps"] == 1 and metrics["stopped_early"]  # one step, then the cap
+    assert (tmp_path / "capped" / "model.safetensors").is_file()
