@@ -115,18 +115,23 @@ def pack_shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def shared_prompt_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                          response_mask: torch.Tensor, temperature: float = 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Response-token log-probs ``[B, T]`` (0 outside ``response_mask``) and the logits that
     predicted each response token ``[N, V]`` (rows in order, tokens in order), computed with
     one packed forward pass per shared prompt.
 
     ``model`` is any causal LM that takes ``position_ids`` and a 4D additive attention mask.
+    ``temperature`` divides the logits first: the log-probs of the distribution the rollouts
+    were sampled from.
     """
     pack = pack_shared_prompts(input_ids, attention_mask, response_mask)
     dtype = next(model.parameters()).dtype
     logits = model(input_ids=pack.input_ids, position_ids=pack.position_ids,
                    attention_mask=pack.attention_mask(dtype)).logits
     predicting = logits[pack.row_pack[:, None].expand_as(pack.predictor), pack.predictor]
+    if temperature != 1.0:
+        predicting = predicting / temperature
     picked = F.log_softmax(predicting.float(), dim=-1).gather(
         -1, pack.target.unsqueeze(-1)).squeeze(-1)
     logprobs = torch.zeros(input_ids.shape, dtype=picked.dtype, device=input_ids.device)

@@ -262,7 +262,7 @@ class Trainer:
             aggregation=learner.aggregation, kl_coef=learner.kl_coef,
             kl_estimator=learner.kl_estimator, use_reference=learner.kl_coef > 0,
             seed=cfg.run.seed, logprob_tolerance=learner.logprob_mismatch_tolerance,
-            shared_prompt=learner.shared_prompt_forward,
+            shared_prompt=learner.shared_prompt_forward, temperature=cfg.rollout.temperature,
         )
         self.learners = LearnerGroup(learner.workers, model_dir, core_kwargs,
                                      cpus=learner.cpus_per_worker, gpus=learner.gpus_per_worker,

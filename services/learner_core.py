@@ -132,7 +132,7 @@ def _is_int(value) -> bool:
 def _validate_args(*, lr, weight_decay, betas, max_grad_norm, warmup_steps, total_steps,
                    lr_schedule, mini_batch_size, micro_batch_size, ppo_epochs, clip_low,
                    clip_high, aggregation, kl_coef, kl_estimator, use_reference, rank,
-                   world_size):
+                   world_size, temperature):
     """Raise ValueError naming the first bad argument, its value and what is allowed."""
     def positive_int(x):
         return _is_int(x) and x >= 1
@@ -164,6 +164,8 @@ def _validate_args(*, lr, weight_decay, betas, max_grad_norm, warmup_steps, tota
     _check(clip_high >= 0, "clip_high", clip_high, ">= 0")
     _check(aggregation in AGGREGATIONS, "aggregation", aggregation, f"one of {AGGREGATIONS}")
     _check(kl_coef >= 0, "kl_coef", kl_coef, ">= 0")
+    _check(temperature > 0, "temperature", temperature,
+           "> 0 (the rollouts' sampling temperature; greedy rollouts are not trained on)")
     _check(kl_estimator in KL_ESTIMATORS, "kl_estimator", kl_estimator, f"one of {KL_ESTIMATORS}")
     _check(
         kl_coef == 0 or use_reference,
@@ -188,7 +190,9 @@ class LearnerCore:
     ``mini_batch_size`` counts sequences per optimizer step over all ranks together;
     ``micro_batch_size`` (per rank, default: the whole local mini-batch) only bounds memory
     through gradient accumulation and does not change the result. Dropout stays off (the
-    model is kept in eval mode) so that on-policy ratios are exactly 1.
+    model is kept in eval mode) so that on-policy ratios are exactly 1. ``temperature`` is the
+    rollouts' sampling temperature: every log-prob, ratio, KL and entropy is that of
+    ``softmax(logits / temperature)``, the distribution the rollouts were drawn from.
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class LearnerCore:
         device: str = "cpu",
         logprob_tolerance: float | None = None,
         shared_prompt: bool = True,
+        temperature: float = 1.0,
     ):
         _validate_args(
             lr=lr, weight_decay=weight_decay, betas=betas, max_grad_norm=max_grad_norm,
@@ -225,6 +230,7 @@ class LearnerCore:
             ppo_epochs=ppo_epochs, clip_low=clip_low, clip_high=clip_high,
             aggregation=aggregation, kl_coef=kl_coef, kl_estimator=kl_estimator,
             use_reference=use_reference, rank=rank, world_size=world_size,
+            temperature=temperature,
         )
 
         self.mini_batch_size = mini_batch_size
@@ -238,6 +244,7 @@ class LearnerCore:
         self.aggregation = aggregation
         self.logprob_tolerance = logprob_tolerance
         self.shared_prompt = shared_prompt
+        self.temperature = temperature
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
@@ -278,9 +285,13 @@ class LearnerCore:
         ids, attention = batch["input_ids"], batch["attention_mask"]
         response = batch["response_mask"]
         if self.shared_prompt:
-            return shared_prompt_forward(model, ids, attention, response)
-        logits = model(input_ids=ids, attention_mask=attention).logits
+            return shared_prompt_forward(model, ids, attention, response, self.temperature)
+        logits = self._scaled(model(input_ids=ids, attention_mask=attention).logits)
         return token_logprobs(logits, ids), logits[:, :-1][response[:, 1:].bool()]
+
+    def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of the sampling distribution: divided by the rollouts' temperature."""
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict, micro_batch_size: int | None = None) -> torch.Tensor:
@@ -308,7 +319,7 @@ class LearnerCore:
                 chunks.append(self._forward(model, chunk)[0])
                 continue
             ids = chunk["input_ids"]
-            logits = model(input_ids=ids, attention_mask=chunk["attention_mask"]).logits
+            logits = self._scaled(model(input_ids=ids, attention_mask=chunk["attention_mask"]).logits)
             chunks.append(token_logprobs(logits, ids))
         return torch.cat(chunks)
 

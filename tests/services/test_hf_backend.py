@@ -1,6 +1,7 @@
 """The Hugging Face rollout backend: one shared prompt pass per group changes nothing."""
 
 import numpy as np
+import torch
 import pytest
 
 from harpo_core.data import load_prompts
@@ -46,3 +47,39 @@ def test_shared_prefill_samples_what_plain_generate_samples(backend, prompts, pa
     np.testing.assert_allclose(shared.logprobs[keep], plain.logprobs[keep], atol=1e-5)
     # and the samples are not all alike, so equal outputs mean something
     assert len({tuple(row) for row in plain.token_ids}) > len(prompts) or params.temperature == 0
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_learner_log_probs_follow_the_sampling_temperature(tiny_assets, backend, prompts,
+                                                          shared_prompt):
+    """Rollouts sampled at temperature 0.7 are scored by a learner at 0.7 as the backend scored
+    them; a learner at temperature 1 would see a different policy (the check can fail)."""
+    import pyarrow as pa
+
+    from harpo_core.schema import to_learner_tensors
+    from services.learner_core import LearnerCore
+
+    params = SamplingParams(n=3, max_new_tokens=12, temperature=0.7, top_p=0.9)
+    gen = backend.generate(prompts, params, seed=3)
+    tokens, logprobs = gen.flat()
+    offsets = np.concatenate([[0], np.cumsum(gen.lengths)]).astype(np.int32)
+    table = pa.table({
+        "prompt_ids": pa.array([p for p in prompts for _ in range(params.n)],
+                               pa.list_(pa.int32())),
+        "response_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens, pa.int32())),
+        "response_logprobs": pa.ListArray.from_arrays(pa.array(offsets),
+                                                      pa.array(logprobs, pa.float32())),
+    })
+    batch = to_learner_tensors(table, backend.pad_id)
+    mask = batch["response_mask"].bool()
+    gaps = {}
+    for temperature in (0.7, 1.0):
+        learner = LearnerCore(str(tiny_assets.model_dir), mini_batch_size=len(table),
+                              shared_prompt=shared_prompt, temperature=temperature)
+        # the update's own forward pass and the full-sequence one used for reference log-probs
+        ours = learner._logprobs(learner.model, batch, None, responses_only=True)
+        full = learner.compute_logprobs(batch)
+        assert torch.allclose(ours[mask], full[mask], atol=1e-5)
+        gaps[temperature] = (ours - batch["old_logprobs"])[mask].abs().max().item()
+    assert gaps[0.7] < 1e-4
+    assert gaps[1.0] > 1e-2

@@ -250,6 +250,7 @@ def test_scheduler_drives_the_optimizer_lr(model_dir):
         (dict(aggregation="sum"), r"aggregation='sum'.*token-mean"),
         (dict(kl_estimator="k2"), r"kl_estimator='k2'.*k1"),
         (dict(kl_coef=0.1), r"kl_coef=0\.1.*use_reference=True"),
+        (dict(temperature=0.0), r"temperature=0\.0.*> 0"),
         (dict(rank=1), r"rank=1.*\[0, 1\)"),
         (dict(world_size=0), r"world_size=0.*int >= 1"),
         (dict(world_size=2, mini_batch_size=3), r"mini_batch_size=3.*multiple of world_size=2"),
