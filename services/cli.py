@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_logs)
 
     p = sub.add_parser("eval", help="held-out reward per task of a config's model or a run",
-                       description="Greedy held-out evaluation, per task.")
+                       description="Held-out evaluation per task: greedy by default; the "
+                                   "policy's sampled reward with --set data.eval_temperature=T "
+                                   "--set data.eval_samples=K.")
     add_run_args(p)
     p.add_argument("--split", default=None, help="data split (default: data.eval_split)")
     p.add_argument("--per-task", type=positive_int, default=None, help="prompts per task")

@@ -49,11 +49,22 @@ class DataSection(_Section):
     prompts_per_step: PositiveInt = 8
     max_prompt_tokens: PositiveInt = 256
     eval_prompts_per_task: PositiveInt = 16
+    # Held-out evaluation: greedy (0) or sampled at this temperature, eval_samples per prompt
+    # (sampled: the policy's expected reward, the quantity RL maximises).
+    eval_temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    eval_samples: PositiveInt = 1
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     task_column: str = "task"
     dataset_column: str = "dataset"
     task_type_column: str = "task_type"
+
+    @model_validator(mode="after")
+    def _eval_sampling(self):
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise ValueError(f"eval_samples ({self.eval_samples}) > 1 needs eval_temperature > 0:"
+                             " greedy decoding gives the same response every time")
+        return self
 
 
 class VLLMSection(_Section):

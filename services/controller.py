@@ -635,12 +635,23 @@ class Trainer:
 
         return self.run_dir.save_checkpoint(self.step, write, cfg.run.keep_checkpoints)
 
-    def evaluate(self, split: str | None = None, per_task: int | None = None) -> dict:
-        """Greedy responses on held-out prompts; per-task mean reward and accuracy."""
+    def evaluate(self, split: str | None = None, per_task: int | None = None, *,
+                 temperature: float | None = None, samples: int | None = None) -> dict:
+        """Per-task mean reward, accuracy and format score on held-out prompts.
+
+        Greedy (``temperature`` 0) or ``samples`` responses per prompt sampled at
+        ``temperature`` (defaults: ``data.eval_temperature`` / ``data.eval_samples``). Every
+        evaluation uses the same seeds, so two evaluations of a run (before and after
+        training) compare the policies on the same random numbers.
+        """
         cfg = self.config
         split = split or cfg.data.eval_split
         per_task = per_task or cfg.data.eval_prompts_per_task
-        if self._eval_cache is None or self._eval_cache[0] != split:
+        temperature = cfg.data.eval_temperature if temperature is None else temperature
+        samples = samples or cfg.data.eval_samples
+        if temperature == 0 and samples > 1:
+            raise ValueError(f"{samples} samples per prompt need a temperature > 0")
+        if self._eval_cache is None or self._eval_cache[0] != (split, per_task):
             prompt_set = self._load_split(split)
             picks = np.concatenate([prompt_set.indices_of_task(c)[:per_task]
                                     for c in range(len(prompt_set.task_names))])
@@ -649,16 +660,21 @@ class Trainer:
             token_ids = [None] * len(prompt_set)
             for i, t in zip(picks, ids):
                 token_ids[i] = t
-            self._eval_cache = (split, prompt_set, picks, token_ids)
+            self._eval_cache = ((split, per_task), prompt_set, picks, token_ids)
         _, prompt_set, picks, token_ids = self._eval_cache
         self._settle_prefetch()
         self._sync_pool()  # asynchronous mode: the pool may still serve the previous version
-        greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
-        requests = self._requests(self.step, picks, prompt_set, token_ids, "eval")
-        summary = self.pool.run(requests, greedy).summary
-        return {metric: per_task_means(summary["task_code"], summary[metric],
-                                       prompt_set.task_names)
-                for metric in ("reward", "accuracy", "reward_format")}
+        params = SamplingParams(n=samples, max_new_tokens=cfg.rollout.max_new_tokens,
+                                temperature=temperature, top_p=cfg.rollout.top_p,
+                                stop=tuple(cfg.rollout.stop))
+        requests = self._requests(0, picks, prompt_set, token_ids, "eval")  # fixed seeds
+        summary = self.pool.run(requests, params).summary
+        result = {metric: per_task_means(summary["task_code"], summary[metric],
+                                         prompt_set.task_names)
+                  for metric in ("reward", "accuracy", "reward_format")}
+        counts = np.bincount(summary["task_code"], minlength=len(prompt_set.task_names))
+        result["rollouts"] = {n: int(c) for n, c in zip(prompt_set.task_names, counts) if c}
+        return result
 
     def final_task_factors(self) -> dict[str, float]:
         return {} if self.modulator is None else ray.get(self.modulator.task_factors.remote())

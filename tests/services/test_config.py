@@ -50,6 +50,10 @@ def test_defaults_are_the_papers():
     (_with("reward", format_weight=1.5),
      r"reward.format_weight: Input should be less than or equal to 1"),
     ({"data": {"path": "d"}}, r"model: required field is missing"),
+    (_with("data", eval_samples=4),
+     r"data: eval_samples \(4\) > 1 needs eval_temperature > 0: greedy decoding"),
+    (_with("data", eval_temperature=-1.0),
+     r"data.eval_temperature: Input should be greater than or equal to 0"),
 ])
 def test_bad_fields_are_named(data, message):
     with pytest.raises(ConfigError, match=message):

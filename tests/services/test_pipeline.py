@@ -136,12 +136,21 @@ def test_a_corrupt_checkpoint_is_skipped(ray_cluster, tiny_assets, tmp_path, cap
     assert "sampler.json does not match its checksum" in caplog.text
 
 
-def test_evaluation_reports_every_task(ray_cluster, tiny_assets, tmp_path):
-    trainer = Trainer(tiny_config(tiny_assets, tmp_path / "run", rollout={"workers": 1}))
+def test_evaluation_reports_every_task_greedy_or_sampled(ray_cluster, tiny_assets, tmp_path):
+    trainer = Trainer(tiny_config(tiny_assets, tmp_path / "run", rollout={"workers": 1},
+                                  data={"eval_prompts_per_task": 3}))
     try:
-        result = trainer.evaluate()
+        greedy = trainer.evaluate()
+        sampled = trainer.evaluate(temperature=1.0, samples=4)
+        again = trainer.evaluate(temperature=1.0, samples=4)
+        fewer = trainer.evaluate(per_task=1)
     finally:
         trainer.shutdown()
     tasks = set(trainer.train_set.task_names)
-    assert set(result["reward"]) == tasks == set(result["accuracy"])
-    assert all(math.isfinite(v) for v in result["reward"].values())
+    assert set(greedy["reward"]) == tasks == set(greedy["accuracy"]) == set(sampled["reward"])
+    assert all(math.isfinite(v) for v in greedy["reward"].values())
+    assert greedy["rollouts"] == {task: 3 for task in tasks}
+    assert sampled["rollouts"] == {task: 12 for task in tasks}
+    assert sampled["reward"] != greedy["reward"]  # sampling really happened
+    assert again == sampled  # seeded: the same evaluation gives the same numbers
+    assert fewer["rollouts"] == {task: 1 for task in tasks}
