@@ -119,9 +119,10 @@ def run_trl_grpo(
 
     ``prompts`` are used verbatim as plain-text prompts (apply a chat template beforehand if the
     comparison calls for one). With ``answers`` and ``task_types`` (one per prompt) the reward is
-    harpo's own (:func:`harpo_reward`); without them, a trivially cheap stand-in. Each step uses ``prompts_per_step`` prompts x ``group_size``
-    completions of exactly ``max_new_tokens`` tokens (``min_new_tokens`` suppresses eos). See the
-    module docstring for what one step does.
+    harpo's own (:func:`harpo_reward`); without them, a trivially cheap stand-in. Each step
+    uses ``prompts_per_step`` prompts x ``group_size`` completions of exactly
+    ``max_new_tokens`` tokens (``min_new_tokens`` suppresses eos). See the module docstring for
+    what one step does.
 
     Returns ``trl_version``, ``steps`` (measured), ``step_time_s_median`` (on_step_begin ->
     on_step_end), ``steps_per_s`` (1/median), ``rollouts_per_s`` (completions per step / median),

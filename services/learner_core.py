@@ -319,7 +319,8 @@ class LearnerCore:
                 chunks.append(self._forward(model, chunk)[0])
                 continue
             ids = chunk["input_ids"]
-            logits = self._scaled(model(input_ids=ids, attention_mask=chunk["attention_mask"]).logits)
+            logits = model(input_ids=ids, attention_mask=chunk["attention_mask"]).logits
+            logits = self._scaled(logits)
             chunks.append(token_logprobs(logits, ids))
         return torch.cat(chunks)
 

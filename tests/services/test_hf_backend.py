@@ -1,8 +1,8 @@
 """The Hugging Face rollout backend: one shared prompt pass per group changes nothing."""
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from harpo_core.data import load_prompts
 from services.chat import tokenize_prompts
