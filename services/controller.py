@@ -147,8 +147,7 @@ class Trainer:
         if fresh_run:
             self.run_dir.config_path.write_text(config.to_yaml())
         if checkpoint is None:
-            if self.run_dir.metrics_path.exists():
-                self.run_dir.metrics_path.unlink()
+            self.run_dir.clear_metrics()
         else:
             self.run_dir.truncate_metrics(self.step)
 
@@ -557,6 +556,8 @@ class Trainer:
                 self.control.after_step(m, result.modulation)
                 progress.update(m["step"], f"reward {m['reward_mean']:.3f} "
                                            f"{m['rollouts_per_s']:.0f} rollouts/s")
+                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
+                    progress.note(self._periodic_eval())
                 every = cfg.run.checkpoint_every
                 if (every and self.step % every == 0) or self.step == cfg.run.steps:
                     self.checkpoint()
@@ -675,6 +676,19 @@ class Trainer:
         counts = np.bincount(summary["task_code"], minlength=len(prompt_set.task_names))
         result["rollouts"] = {n: int(c) for n, c in zip(prompt_set.task_names, counts) if c}
         return result
+
+    def _periodic_eval(self) -> str:
+        """``run.eval_every``: evaluate, append the result to ``eval.jsonl``, return a summary."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        result = self.evaluate()
+        row = {"step": self.step, "policy_version": self.version, "split": cfg.data.eval_split,
+               "temperature": cfg.data.eval_temperature, "samples": cfg.data.eval_samples,
+               "seconds": round(time.perf_counter() - t0, 3), **result}
+        self.run_dir.append_eval(row)
+        mean = sum(result["reward"].values()) / len(result["reward"])
+        return (f"eval after step {self.step}: mean held-out reward {mean:.3f} "
+                f"({len(result['reward'])} tasks, {row['seconds']:.1f} s)")
 
     def final_task_factors(self) -> dict[str, float]:
         return {} if self.modulator is None else ray.get(self.modulator.task_factors.remote())

@@ -36,6 +36,13 @@ class StepProgress:
             eta = elapsed / (done - self.first) * (self.total - done)
             print(f"step {done}/{self.total} {info} eta {eta:.0f}s", file=sys.stderr, flush=True)
 
+    def note(self, message: str) -> None:
+        """A line of its own (above the bar when live); nothing when quiet."""
+        if self._progress is not None:
+            self._progress.console.print(message, highlight=False)
+        elif not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

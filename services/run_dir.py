@@ -5,6 +5,8 @@
     RUN_DIR/
       config.yaml                    the resolved configuration
       metrics.jsonl                  one JSON object per training step
+      eval.jsonl                     one JSON object per evaluation during training
+                                     (run.eval_every), keyed by completed steps
       checkpoints/
         step-000010/                 state after 10 completed steps
           model/                     HF format (safetensors) + tokenizer, and the
@@ -51,6 +53,7 @@ class RunDir:
         self.root = Path(root)
         self.config_path = self.root / "config.yaml"
         self.metrics_path = self.root / "metrics.jsonl"
+        self.eval_path = self.root / "eval.jsonl"
         self.checkpoints = self.root / "checkpoints"
 
     def create(self) -> None:
@@ -58,21 +61,45 @@ class RunDir:
 
     # ------------------------------------------------------------------ metrics
 
-    def append_metrics(self, row: dict) -> None:
-        with open(self.metrics_path, "a") as f:
+    @staticmethod
+    def _append(path: Path, row: dict) -> None:
+        with open(path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
+    @staticmethod
+    def _read(path: Path) -> list[dict]:
+        if not path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    @staticmethod
+    def _rewrite(path: Path, rows: list[dict]) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        os.replace(tmp, path)
+
+    def append_metrics(self, row: dict) -> None:
+        self._append(self.metrics_path, row)
+
+    def read_metrics(self) -> list[dict]:
+        return self._read(self.metrics_path)
+
+    def append_eval(self, row: dict) -> None:
+        self._append(self.eval_path, row)
+
+    def read_evals(self) -> list[dict]:
+        return self._read(self.eval_path)
+
+    def clear_metrics(self) -> None:
+        """A fresh run: no metric or evaluation rows from an earlier one."""
+        for path in (self.metrics_path, self.eval_path):
+            path.unlink(missing_ok=True)
 
     def truncate_metrics(self, first_step: int) -> None:
-        """Drop rows of steps >= first_step (they are about to be trained again)."""
-        rows = [r for r in self.read_metrics() if r["step"] < first_step]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        os.replace(tmp, self.metrics_path)
+        """Drop rows of steps >= first_step (they are about to be trained again) and the
+        evaluations made after more than first_step steps (they will be made again)."""
+        self._rewrite(self.metrics_path, [r for r in self.read_metrics() if r["step"] < first_step])
+        self._rewrite(self.eval_path, [r for r in self.read_evals() if r["step"] <= first_step])
 
     # ------------------------------------------------------------------ checkpoints
 

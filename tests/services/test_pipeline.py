@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from services.controller import Trainer
+from services.run_dir import RunDir
 from tests.services.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -92,19 +93,22 @@ def test_two_learners_make_the_same_update_as_one(ray_cluster, tiny_assets, tmp_
 
 
 def test_resumed_run_matches_an_uninterrupted_one(ray_cluster, tiny_assets, tmp_path):
-    whole_cfg = tiny_config(tiny_assets, tmp_path / "whole", run={"steps": 4})
+    # with an evaluation every 2 steps (run.eval_every), kept in eval.jsonl
+    whole_cfg = tiny_config(tiny_assets, tmp_path / "whole", run={"steps": 4, "eval_every": 2})
     trainer = Trainer(whole_cfg)
     try:
         whole = trainer.run()
     finally:
         trainer.shutdown()
 
-    cut_cfg = tiny_config(tiny_assets, tmp_path / "cut", run={"steps": 4})
+    cut_cfg = tiny_config(tiny_assets, tmp_path / "cut", run={"steps": 4, "eval_every": 2})
     trainer = Trainer(cut_cfg)
     try:
         trainer.run(steps=2)  # stopped after step 2
     finally:
         trainer.shutdown()
+    # as if the run had gone on past its last checkpoint and evaluated before it died
+    RunDir(tmp_path / "cut").append_eval({"step": 3, "reward": {}})
     resumed = Trainer(cut_cfg, resume=True)
     try:
         assert resumed.step == 2 and resumed.version == 2
@@ -117,6 +121,14 @@ def test_resumed_run_matches_an_uninterrupted_one(ray_cluster, tiny_assets, tmp_
     logged = [json.loads(line)["step"] for line in
               (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [0, 1, 2, 3]  # nothing lost, nothing counted twice
+    whole_evals = RunDir(tmp_path / "whole").read_evals()
+    cut_evals = RunDir(tmp_path / "cut").read_evals()  # the step-3 row is gone
+    assert [e["step"] for e in cut_evals] == [e["step"] for e in whole_evals] == [2, 4]
+    for a, b in zip(cut_evals, whole_evals):
+        assert a["policy_version"] == a["step"] and a["rollouts"] == {t: 2 for t in a["reward"]}
+        assert a["accuracy"] == b["accuracy"]
+        # the similarity reward's embeddings vary in the last bits with the batch they share
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
 
 
 def test_a_corrupt_checkpoint_is_skipped(ray_cluster, tiny_assets, tmp_path, caplog):
