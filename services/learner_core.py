@@ -286,12 +286,16 @@ class LearnerCore:
         response = batch["response_mask"]
         if self.shared_prompt:
             return shared_prompt_forward(model, ids, attention, response, self.temperature)
-        logits = self._scaled(model(input_ids=ids, attention_mask=attention).logits)
-        return token_logprobs(logits, ids), logits[:, :-1][response[:, 1:].bool()]
+        logprobs, logits = self._plain_forward(model, ids, attention)
+        return logprobs, logits[:, :-1][response[:, 1:].bool()]
 
-    def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits of the sampling distribution: divided by the rollouts' temperature."""
-        return logits if self.temperature == 1.0 else logits / self.temperature
+    def _plain_forward(self, model, ids, attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass per row: log-probs ``[B, T]`` at every position and the logits
+        ``[B, T, V]`` of the sampling distribution (divided by the rollouts' temperature)."""
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return token_logprobs(logits, ids), logits
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict, micro_batch_size: int | None = None) -> torch.Tensor:
@@ -318,10 +322,8 @@ class LearnerCore:
             if responses_only:
                 chunks.append(self._forward(model, chunk)[0])
                 continue
-            ids = chunk["input_ids"]
-            logits = model(input_ids=ids, attention_mask=chunk["attention_mask"]).logits
-            logits = self._scaled(logits)
-            chunks.append(token_logprobs(logits, ids))
+            chunks.append(self._plain_forward(model, chunk["input_ids"],
+                                              chunk["attention_mask"])[0])
         return torch.cat(chunks)
 
     # -------------------------------------------------------------------- update
