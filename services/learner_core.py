@@ -193,6 +193,10 @@ class LearnerCore:
     model is kept in eval mode) so that on-policy ratios are exactly 1. ``temperature`` is the
     rollouts' sampling temperature: every log-prob, ratio, KL and entropy is that of
     ``softmax(logits / temperature)``, the distribution the rollouts were drawn from.
+
+    The learning-rate schedule advances once per :meth:`update` (one RL step), however many
+    optimizer steps its mini-batches and epochs take: ``warmup_steps`` and ``total_steps``
+    count RL steps, the unit of ``run.steps``.
     """
 
     def __init__(
@@ -359,6 +363,7 @@ class LearnerCore:
                 first = epoch == 0 and start == 0
                 self._train_mini_batch(mini, totals, measure_mismatch=first,
                                        check_mismatch=first and check_mismatch)
+        self.scheduler.step()  # the schedule counts updates (RL steps), not optimizer steps
         totals["n_sequences"] = float(local_size)
         totals["n_tokens"] = float(batch["response_mask"].sum())
         return self._finish_metrics(totals)
@@ -424,7 +429,6 @@ class LearnerCore:
         totals["lr"] += self.optimizer.param_groups[0]["lr"]
         if torch.isfinite(grad_norm):
             self.optimizer.step()
-            self.scheduler.step()
         else:  # the same on every rank: gradients were all-reduced before the norm
             totals["skipped_steps"] += 1
             self.optimizer.zero_grad(set_to_none=True)

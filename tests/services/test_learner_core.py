@@ -227,10 +227,17 @@ def test_lr_schedules_by_hand():
     assert lr_factor(6, schedule="cosine", **warm) == pytest.approx(0.0)
 
 
-def test_scheduler_drives_the_optimizer_lr(model_dir):
+def test_scheduler_drives_the_optimizer_lr_once_per_update(model_dir):
+    # 4 optimizer steps per update; the schedule counts updates (RL steps), so the first
+    # update runs all four at 1/4 of lr, the second at 2/4 (not 1/4..4/4, then 5/4 -> 1)
     learner = LearnerCore(model_dir, lr=1e-3, mini_batch_size=2, warmup_steps=4)
-    metrics = learner.update(make_batch(), global_batch_size=BATCH)  # 4 steps at 1/4 .. 4/4
-    assert metrics["lr"] == pytest.approx(1e-3 * (0.25 + 0.5 + 0.75 + 1.0) / 4)
+    rates = []
+    for seed in (0, 1):
+        metrics = learner.update(make_batch(seed=seed), global_batch_size=BATCH)
+        assert metrics["n_steps"] == 4
+        rates.append(metrics["lr"])
+    assert rates == pytest.approx([0.25e-3, 0.5e-3])
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.75e-3)
 
 
 # ------------------------------------------------------------------ validation

@@ -94,14 +94,18 @@ def test_two_learners_make_the_same_update_as_one(ray_cluster, tiny_assets, tmp_
 
 def test_resumed_run_matches_an_uninterrupted_one(ray_cluster, tiny_assets, tmp_path):
     # with an evaluation every 2 steps (run.eval_every), kept in eval.jsonl
-    whole_cfg = tiny_config(tiny_assets, tmp_path / "whole", run={"steps": 4, "eval_every": 2})
+    # and a learning-rate schedule, which must pick up where it was (it counts RL steps)
+    schedule = {"lr_schedule": "linear", "warmup_steps": 1, "lr": 1e-3}
+    whole_cfg = tiny_config(tiny_assets, tmp_path / "whole", run={"steps": 4, "eval_every": 2},
+                            learner=schedule)
     trainer = Trainer(whole_cfg)
     try:
         whole = trainer.run()
     finally:
         trainer.shutdown()
 
-    cut_cfg = tiny_config(tiny_assets, tmp_path / "cut", run={"steps": 4, "eval_every": 2})
+    cut_cfg = tiny_config(tiny_assets, tmp_path / "cut", run={"steps": 4, "eval_every": 2},
+                          learner=schedule)
     trainer = Trainer(cut_cfg)
     try:
         trainer.run(steps=2)  # stopped after step 2
@@ -116,6 +120,8 @@ def test_resumed_run_matches_an_uninterrupted_one(ray_cluster, tiny_assets, tmp_
     finally:
         resumed.shutdown()
     assert [r["step"] for r in tail] == [2, 3]
+    # linear decay from step 1 to 0 at step 4; two optimizer steps per RL step share one rate
+    assert [r["lr"] for r in whole] == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
     for a, b in zip(tail, whole[2:]):
         assert _comparable(a) == _comparable(b)
     logged = [json.loads(line)["step"] for line in
