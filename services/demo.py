@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from services.config import TrainConfig, parse_config
+from services.tiny.tasks import suite_fingerprint
 
 RL_STEPS = 40
 # Held-out evaluation, before and after RL: greedy on every test prompt, and the policy's own
@@ -47,7 +48,8 @@ def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int) -> T
 
 
 def _saved_sft_matches(sft_dir: Path, steps: int) -> bool:
-    """Whether ``sft_dir`` holds a complete warm start made with the demo's settings."""
+    """Whether ``sft_dir`` holds a complete warm start made with the demo's settings on the
+    current version of the task suite."""
     path = sft_dir / "sft_metrics.json"
     if not (sft_dir / "model.safetensors").is_file() or not path.is_file():
         return False
@@ -55,6 +57,7 @@ def _saved_sft_matches(sft_dir: Path, steps: int) -> bool:
     settings = metrics.get("settings", {})
     wanted = {"steps": steps, **SFT_SETTINGS}
     return (not metrics.get("stopped_early", True)
+            and metrics.get("suite_fingerprint") == suite_fingerprint()
             and all(settings.get(k) == v for k, v in wanted.items()))
 
 
@@ -93,7 +96,7 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
     workdir = Path(workdir)
     t_start = time.perf_counter()
     print(f"[1/4] tiny model and task suite in {workdir / 'assets'}", flush=True)
-    assets = init_tiny(workdir / "assets")
+    assets = init_tiny(workdir / "assets", replace_stale=True)  # the demo owns this directory
     sft_dir = workdir / "sft-model"
     if _saved_sft_matches(sft_dir, sft_steps):
         print(f"[2/4] reusing the warm-started model in {sft_dir}", flush=True)

@@ -2,7 +2,15 @@
 
 from .model import TinyAssets, build_tiny_model, count_parameters, init_tiny, train_tokenizer
 from .sft import greedy_eval, sft
-from .tasks import SUITE, TaskSpec, generate_examples, sft_response, suite_corpus, write_suite
+from .tasks import (
+    SUITE,
+    TaskSpec,
+    generate_examples,
+    sft_response,
+    suite_corpus,
+    suite_fingerprint,
+    write_suite,
+)
 
 __all__ = [
     "SUITE",
@@ -16,6 +24,7 @@ __all__ = [
     "sft",
     "sft_response",
     "suite_corpus",
+    "suite_fingerprint",
     "train_tokenizer",
     "write_suite",
 ]

@@ -26,7 +26,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 from transformers.utils import logging as hf_logging
 
-from .tasks import suite_corpus, write_suite
+from .tasks import suite_corpus, suite_fingerprint, write_suite
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -137,13 +137,16 @@ def init_tiny(
     n_test_per_task: int = 100,
     vocab_size: int = 512,
     tasks: list[str] | None = None,
+    replace_stale: bool = False,
     **model_kwargs,
 ) -> TinyAssets:
     """Write the task suite to ``out_dir/data`` and a fresh tiny model to ``out_dir/model``.
 
     Deterministic given the arguments. If ``out_dir`` already holds a complete set made
-    with the same arguments (marker file written last), it is reused as is; a complete set
-    made with different arguments raises ``ValueError``; an incomplete one is rebuilt.
+    with the same arguments by the same version of the task suite (marker file written last,
+    suite fingerprint inside), it is reused as is; an incomplete one is rebuilt. A complete set
+    made with different arguments raises ``ValueError``; so does one made by another version of
+    the suite, unless ``replace_stale`` (then it is rebuilt).
     """
     out_dir = Path(out_dir)
     assets = TinyAssets(model_dir=out_dir / "model", data_dir=out_dir / "data")
@@ -151,12 +154,20 @@ def init_tiny(
         "seed": seed, "n_train_per_task": n_train_per_task, "n_test_per_task": n_test_per_task,
         "vocab_size": vocab_size, "tasks": None if tasks is None else list(tasks), **model_kwargs,
     }
+    fingerprint = suite_fingerprint(seed=seed, tasks=tasks)
     marker = out_dir / MARKER
     if marker.exists():
-        recorded = json.loads(marker.read_text())["params"]
-        if recorded != params:
-            raise ValueError(f"{out_dir} holds tiny assets built with {recorded}, not {params}")
-        return assets
+        recorded = json.loads(marker.read_text())
+        if recorded["params"] != params:
+            raise ValueError(f"{out_dir} holds tiny assets built with {recorded['params']}, "
+                             f"not {params}; remove it or choose another directory")
+        if recorded.get("suite_fingerprint") == fingerprint:
+            return assets
+        if not replace_stale:
+            raise ValueError(f"{out_dir} holds tiny assets from another version of the task "
+                             "suite (its examples differ from what this version generates); "
+                             "remove it or choose another directory")
+        marker.unlink()
     for d in (assets.model_dir, assets.data_dir):
         shutil.rmtree(d, ignore_errors=True)
 
@@ -164,5 +175,6 @@ def init_tiny(
                 n_test_per_task=n_test_per_task, seed=seed, tasks=tasks)
     tokenizer = train_tokenizer(suite_corpus(seed=seed, tasks=tasks), vocab_size=vocab_size)
     build_tiny_model(assets.model_dir, tokenizer, seed=seed, **model_kwargs)
-    marker.write_text(json.dumps({"params": params}, indent=2) + "\n")
+    marker.write_text(json.dumps({"params": params, "suite_fingerprint": fingerprint},
+                                 indent=2) + "\n")
     return assets

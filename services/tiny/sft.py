@@ -147,6 +147,8 @@ def sft(
                      "micro_batch_size": micro_batch_size, "lr": lr, "seed": seed,
                      "warmup_steps": warmup_steps, "max_length": max_length,
                      "num_threads": num_threads},
+        # which version of the synthetic suite the data came from (None for other data)
+        "suite_fingerprint": _suite_fingerprint_of(data_dir),
         "loss_first": float(np.mean(losses[:window])),
         "loss_last": float(np.mean(losses[-window:])),
         "train_seconds": round(wall, 2),
@@ -154,6 +156,11 @@ def sft(
     }
     (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _suite_fingerprint_of(data_dir: str | Path) -> str | None:
+    manifest = Path(data_dir) / "suite.json"
+    return json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
 
 
 @torch.no_grad()

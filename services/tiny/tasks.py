@@ -11,6 +11,7 @@ Everything is generated from ``numpy.random.default_rng(seed)``; no external dat
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -246,6 +247,7 @@ def write_suite(
         shards[split] = [path]
     manifest = {
         "seed": seed,
+        "fingerprint": suite_fingerprint(seed=seed, tasks=specs),
         "modality": "text",
         "splits": {s: [p.name for p in shards[s]] for s in SPLITS},
         "tasks": [
@@ -257,6 +259,19 @@ def write_suite(
     }
     (out_dir / "suite.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return shards
+
+
+def suite_fingerprint(*, seed: int = 0, tasks: Iterable[str | TaskSpec] | None = None) -> str:
+    """Short hash of what the suite's code produces: task names, types, labels, SFT reasoning
+    and the first examples of every task. It changes when a generator or a task changes, so
+    assets written by an older version of the suite can be told apart from current ones."""
+    specs = _resolve(tasks)
+    content = [
+        [t.name, t.task_type, t.dataset, list(t.labels or ()), t.think,
+         generate_examples(t, 16, _task_seed(seed, i, 0))]
+        for i, t in enumerate(specs)
+    ]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sft_response(answer: str, task: TaskSpec | str | None = None) -> str:

@@ -1,7 +1,9 @@
 """The tiny demo assets: synthetic task suite, byte-level tokenizer, Qwen2 model, SFT."""
 
+import dataclasses
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +24,7 @@ from services.tiny import (  # noqa: E402
     sft,
     sft_response,
     suite_corpus,
+    suite_fingerprint,
     train_tokenizer,
     write_suite,
 )
@@ -119,7 +122,7 @@ def test_init_tiny_is_idempotent_and_deterministic(assets, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     assert init_tiny(root, n_train_per_task=40, n_test_per_task=4) == assets
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="remove it or choose another directory"):
         init_tiny(root, n_train_per_task=41, n_test_per_task=4)
 
     other = init_tiny(tmp_path / "again", n_train_per_task=40, n_test_per_task=4)
@@ -129,11 +132,41 @@ def test_init_tiny_is_idempotent_and_deterministic(assets, tmp_path):
     assert other.model_dir != assets.model_dir
 
 
+def test_suite_fingerprint_follows_what_the_generators_produce(assets):
+    assert suite_fingerprint() == suite_fingerprint()
+    manifest = json.loads((assets.data_dir / "suite.json").read_text())
+    assert manifest["fingerprint"] == suite_fingerprint()
+    assert suite_fingerprint(seed=1) != suite_fingerprint()
+    parity = SUITE["parity"]
+    always_even = dataclasses.replace(parity, generate=lambda rng: ("Is 2 even or odd?", "even"))
+    assert suite_fingerprint(tasks=[always_even]) != suite_fingerprint(tasks=[parity])
+    relabelled = dataclasses.replace(parity, think="look at it")
+    assert suite_fingerprint(tasks=[relabelled]) != suite_fingerprint(tasks=[parity])
+
+
+def test_assets_from_another_suite_version_are_refused_or_replaced(assets, tmp_path):
+    stale = tmp_path / "stale"
+    shutil.copytree(assets.model_dir.parent, stale)
+    marker = stale / "tiny_assets.json"
+    recorded = json.loads(marker.read_text())
+    # what a directory written before the suite changed looks like: another fingerprint
+    marker.write_text(json.dumps({**recorded, "suite_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(ValueError, match="another version of the task suite"):
+        init_tiny(stale, n_train_per_task=40, n_test_per_task=4)
+    assert (stale / "model" / "model.safetensors").is_file()  # refused, nothing removed
+    assert init_tiny(stale, n_train_per_task=40, n_test_per_task=4, replace_stale=True).data_dir \
+        == stale / "data"
+    assert json.loads(marker.read_text()) == recorded
+    for rel in ("model/model.safetensors", "data/test-00000-of-00001.parquet"):
+        assert (stale / rel).read_bytes() == (assets.model_dir.parent / rel).read_bytes(), rel
+
+
 def test_short_sft_lowers_loss_and_saves_safetensors(assets, tmp_path):
     out = tmp_path / "sft"
     metrics = sft(assets.model_dir, assets.data_dir, out, steps=12, batch_size=8, lr=3e-3,
                   warmup_steps=2, seed=0, max_length=256, num_threads=1, progress=False)
     assert metrics["steps"] == 12 and metrics["loss_last"] < 0.8 * metrics["loss_first"]
+    assert metrics["suite_fingerprint"] == suite_fingerprint()  # the demo's reuse check
     assert (out / "model.safetensors").is_file()
     assert not [p for p in out.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
     report = greedy_eval(out, assets.data_dir, n_per_task=2, max_new_tokens=8, num_threads=1)
