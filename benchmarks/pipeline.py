@@ -113,6 +113,7 @@ def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
     from services.learner_core import LearnerCore
     from services.rollout.backend import SamplingParams
     from services.rollout.hf_backend import HFBackend
+    from services.rollout.worker import token_columns
 
     torch.set_num_threads(threads)
     backend = HFBackend(str(assets.model_dir))
@@ -124,17 +125,8 @@ def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
         t0 = time.perf_counter()
         gen = backend.generate(batch_ids, params, seed=step)
         gen_times.append(time.perf_counter() - t0)
-        tokens, logprobs = gen.flat()
-        offsets = np.concatenate([[0], np.cumsum(gen.lengths)]).astype(np.int32)
-        prompt_rows = [p for p in batch_ids for _ in range(SAMPLES)]
-        table = pa.table({
-            "prompt_ids": pa.array(prompt_rows, pa.list_(pa.int32())),
-            "response_ids": pa.ListArray.from_arrays(pa.array(offsets),
-                                                     pa.array(tokens, pa.int32())),
-            "response_logprobs": pa.ListArray.from_arrays(pa.array(offsets),
-                                                          pa.array(logprobs, pa.float32())),
-        })
-        tensors = to_learner_tensors(table, backend.pad_id)
+        tensors = to_learner_tensors(pa.table(token_columns(batch_ids, gen, SAMPLES)),
+                                     backend.pad_id)
         tensors["advantages"] = torch.randn(PROMPTS * SAMPLES)
         t0 = time.perf_counter()
         learner.update(tensors, global_batch_size=PROMPTS * SAMPLES)

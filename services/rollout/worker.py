@@ -40,14 +40,25 @@ def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type) -> pa.ListArr
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
+def token_columns(prompt_ids: list[list[int]], gen: Generation, n: int) -> dict[str, pa.Array]:
+    """The token columns of a generation, one row per rollout (each prompt's ``n`` samples in
+    turn): ``prompt_ids``, ``response_ids`` and ``response_logprobs`` - what
+    ``harpo_core.schema.to_learner_tensors`` needs."""
+    prompt_lengths = np.array([len(p) for p in prompt_ids])
+    prompt_flat = np.concatenate([np.tile(np.asarray(p, dtype=np.int32), n)
+                                  for p in prompt_ids])
+    tokens, logprobs = gen.flat()
+    return {
+        "prompt_ids": _list_array(prompt_flat, np.repeat(prompt_lengths, n), pa.int32()),
+        "response_ids": _list_array(tokens.astype(np.int32), gen.lengths, pa.int32()),
+        "response_logprobs": _list_array(logprobs, gen.lengths, pa.float32()),
+    }
+
+
 def build_batch(request: RolloutRequest, gen: Generation, texts: list[str], n: int,
                 worker: str) -> pa.RecordBatch:
     """Arrow rollout batch (GENERATION_SCHEMA) for a request and its generation, vectorised."""
     per_row = lambda a: np.repeat(np.asarray(a), n)  # noqa: E731 - prompt field -> rollout rows
-    prompt_lengths = np.array([len(p) for p in request.prompt_ids])
-    prompt_flat = np.concatenate([np.tile(np.asarray(p, dtype=np.int32), n)
-                                  for p in request.prompt_ids])
-    tokens, logprobs = gen.flat()
     task_codes = per_row(request.task_codes).astype(np.int32)
     rows = task_codes.size
     arrays = {
@@ -58,9 +69,7 @@ def build_batch(request: RolloutRequest, gen: Generation, texts: list[str], n: i
         "task_type": pa.array(np.asarray(request.task_types, dtype=object)[task_codes],
                               pa.string()),
         "answer": pa.array(per_row(np.asarray(request.answers, dtype=object)), pa.string()),
-        "prompt_ids": _list_array(prompt_flat, np.repeat(prompt_lengths, n), pa.int32()),
-        "response_ids": _list_array(tokens.astype(np.int32), gen.lengths, pa.int32()),
-        "response_logprobs": _list_array(logprobs, gen.lengths, pa.float32()),
+        **token_columns(request.prompt_ids, gen, n),
         "response_text": pa.array(texts, pa.string()),
         "finish_reason": pa.array(gen.finish_reasons, pa.string()),
         "policy_version": pa.array(np.full(rows, request.policy_version), pa.int64()),

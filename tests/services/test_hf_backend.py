@@ -58,18 +58,11 @@ def test_learner_log_probs_follow_the_sampling_temperature(tiny_assets, backend,
 
     from harpo_core.schema import to_learner_tensors
     from services.learner_core import LearnerCore
+    from services.rollout.worker import token_columns
 
     params = SamplingParams(n=3, max_new_tokens=12, temperature=0.7, top_p=0.9)
     gen = backend.generate(prompts, params, seed=3)
-    tokens, logprobs = gen.flat()
-    offsets = np.concatenate([[0], np.cumsum(gen.lengths)]).astype(np.int32)
-    table = pa.table({
-        "prompt_ids": pa.array([p for p in prompts for _ in range(params.n)],
-                               pa.list_(pa.int32())),
-        "response_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens, pa.int32())),
-        "response_logprobs": pa.ListArray.from_arrays(pa.array(offsets),
-                                                      pa.array(logprobs, pa.float32())),
-    })
+    table = pa.table(token_columns(prompts, gen, params.n))
     batch = to_learner_tensors(table, backend.pad_id)
     mask = batch["response_mask"].bool()
     gaps = {}
