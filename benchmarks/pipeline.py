@@ -1,13 +1,15 @@
 """The Ray pipeline against its own parts, and against TRL's GRPOTrainer, on one workload.
 
 Workload (issue 3): the tiny Qwen2 (≈1M parameters), 8 prompts × 8 samples, 16 new tokens per
-step, 1 learner, 1 rollout worker. Measured side by side in one run:
+step, 1 learner, 1 rollout worker, the step's prompts in two requests of 4 (so the first
+request is scored while the second generates). Measured side by side in one run:
 
 * pipeline   — ``Trainer.train_step`` on embedded Ray (generate, score, modulate, learn, sync),
   synchronous (``rollout.max_staleness: 0``) and asynchronous (``1``: step t+1 is generated
   while the learner updates on step t), ``--mode sync|async|both``;
 * standalone — the same HF backend and the same ``LearnerCore`` called in-process, no Ray:
-  ``generate`` + ``update`` on a batch of the same shape;
+  ``generate`` + ``update`` on a batch of the same shape, one standalone step after each
+  synchronous pipeline step (so both see the same phases of the machine);
 * TRL        — ``GRPOTrainer`` on the same model, prompts and shape (``pip install .[bench]``).
 
 orchestration overhead = pipeline step time / (standalone generate + standalone update).
@@ -19,7 +21,7 @@ trip from the driver). The pipeline run uses each selected backend too; the stan
 the overhead ratio stay on the HF backend (vLLM must not run in this process).
 
     python benchmarks/pipeline.py [--steps 12] [--warmup 2] [--no-trl] [--backend both]
-                                  [--mode both] [--threads 1]
+                                  [--mode both] [--threads 1] [--prompts-per-request 4]
     python benchmarks/pipeline.py --backend both --rollout-only
 """
 
@@ -48,7 +50,7 @@ def build_assets(root: Path):
 
 
 def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: str = "hf",
-                    staleness: int = 0):
+                    staleness: int = 0, prompts_per_request: int | None = None):
     from services.config import parse_config
 
     return parse_config({
@@ -59,7 +61,7 @@ def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: st
                  "max_prompt_tokens": 256},
         "rollout": {"backend": backend, "workers": 1, "group_size": SAMPLES,
                     "max_new_tokens": NEW_TOKENS, "torch_threads": threads,
-                    "max_staleness": staleness},
+                    "max_staleness": staleness, "prompts_per_request": prompts_per_request},
         "reward": {"scorers": 1, "torch_threads": threads},
         "learner": {"workers": 1, "mini_batch_prompts": PROMPTS, "lr": 1e-5,
                     "torch_threads": threads},
@@ -67,25 +69,53 @@ def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: st
     }, source="benchmark config")
 
 
-def run_pipeline(config, steps: int, warmup: int) -> dict:
+def run_pipeline(config, steps: int, warmup: int, standalone: Standalone | None = None
+                 ) -> dict:
+    """``steps`` pipeline steps; with ``standalone``, each followed by one standalone step on
+    the same prompts.
+
+    Alternating the two means slow and fast phases of the machine (other tenants, frequency
+    changes) fall on both alike, so their ratio is measured side by side, not minutes apart.
+    Only a synchronous pipeline can alternate: an asynchronous one would generate its next
+    step during the standalone step, for free. Returns the pipeline's median stage times and,
+    when alternating, the standalone medians.
+    """
     from services.cluster import connect
 
     connect(num_cpus=8)
     from services.controller import Trainer
 
+    prompts = step_prompts(config_assets(config), steps)
     trainer = Trainer(config)
-    rows = []
+    rows, alone = [], []
     try:
-        for _ in range(steps):
+        for step in range(steps):
             rows.append(trainer.train_step().metrics)
+            if standalone is not None:
+                alone.append(standalone.step(step, prompts[step]))
     finally:
         trainer.shutdown()
-    rows = rows[warmup:]
+    rows, alone = rows[warmup:], alone[warmup:]
     stages = ("generate_s", "score_s", "rollout_wait_s", "modulate_s", "learn_s",
               "learner_fetch_s", "learner_update_s", "sync_s", "step_s")
     out = {s: statistics.median(r["timing"][s] for r in rows) for s in stages}
     out["tokens"] = statistics.median(r["response_length"] for r in rows) * PROMPTS * SAMPLES
+    if alone:
+        out["standalone"] = {k: statistics.median(a[k] for a in alone) for k in alone[0]}
     return out
+
+
+def run_standalone(standalone: Standalone, assets, steps: int, warmup: int) -> dict:
+    """``steps`` standalone steps in a row (when no synchronous pipeline runs to alternate)."""
+    prompts = step_prompts(assets, steps)
+    alone = [standalone.step(step, prompts[step]) for step in range(steps)][warmup:]
+    return {k: statistics.median(a[k] for a in alone) for k in alone[0]}
+
+
+def config_assets(config):
+    from services.tiny.model import TinyAssets
+
+    return TinyAssets(model_dir=Path(config.model.path), data_dir=Path(config.data.path))
 
 
 def step_rows(assets, steps: int) -> tuple:
@@ -103,37 +133,43 @@ def step_prompts(assets, steps: int) -> list[list[str]]:
     return [[prompt_set.prompts[i] for i in rows] for rows in batches]
 
 
-def run_standalone(assets, steps: int, warmup: int, threads: int) -> dict:
-    """The same backend and learner, in this process, on batches of the same shape."""
-    import pyarrow as pa
-    import torch
+class Standalone:
+    """The same backend and learner called in this process, no Ray: one step is ``generate``
+    on a step's prompts, then ``update`` on a batch of that shape, then the weight load."""
 
-    from harpo_core.schema import to_learner_tensors
-    from services.chat import tokenize_prompts
-    from services.learner_core import LearnerCore
-    from services.rollout.backend import SamplingParams
-    from services.rollout.hf_backend import HFBackend
-    from services.rollout.worker import token_columns
+    def __init__(self, assets, threads: int):
+        import torch
 
-    torch.set_num_threads(threads)
-    backend = HFBackend(str(assets.model_dir))
-    learner = LearnerCore(str(assets.model_dir), mini_batch_size=PROMPTS * SAMPLES, lr=1e-5)
-    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS)
-    gen_times, learn_times = [], []
-    for step, prompts in enumerate(step_prompts(assets, steps)):
-        batch_ids = tokenize_prompts(backend.tokenizer, prompts)
+        from services.learner_core import LearnerCore
+        from services.rollout.backend import SamplingParams
+        from services.rollout.hf_backend import HFBackend
+
+        torch.set_num_threads(threads)
+        self.backend = HFBackend(str(assets.model_dir))
+        self.learner = LearnerCore(str(assets.model_dir), mini_batch_size=PROMPTS * SAMPLES,
+                                   lr=1e-5)
+        self.params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS)
+
+    def step(self, step: int, prompts: list[str]) -> dict:
+        import pyarrow as pa
+        import torch
+
+        from harpo_core.schema import to_learner_tensors
+        from services.chat import tokenize_prompts
+        from services.rollout.worker import token_columns
+
+        batch_ids = tokenize_prompts(self.backend.tokenizer, prompts)
         t0 = time.perf_counter()
-        gen = backend.generate(batch_ids, params, seed=step)
-        gen_times.append(time.perf_counter() - t0)
+        gen = self.backend.generate(batch_ids, self.params, seed=step)
+        gen_s = time.perf_counter() - t0
         tensors = to_learner_tensors(pa.table(token_columns(batch_ids, gen, SAMPLES)),
-                                     backend.pad_id)
+                                     self.backend.pad_id)
         tensors["advantages"] = torch.randn(PROMPTS * SAMPLES)
         t0 = time.perf_counter()
-        learner.update(tensors, global_batch_size=PROMPTS * SAMPLES)
-        learn_times.append(time.perf_counter() - t0)
-        backend.load_weights(learner.state_dict_cpu())
-    return {"generate_s": statistics.median(gen_times[warmup:]),
-            "learn_s": statistics.median(learn_times[warmup:])}
+        self.learner.update(tensors, global_batch_size=PROMPTS * SAMPLES)
+        learn_s = time.perf_counter() - t0
+        self.backend.load_weights(self.learner.state_dict_cpu())
+        return {"generate_s": gen_s, "learn_s": learn_s}
 
 
 def run_rollout_backend(assets, backend: str, steps: int, warmup: int, threads: int) -> dict:
@@ -242,6 +278,10 @@ def main() -> None:
                         help="rollout backend(s) to measure and to run the pipeline with")
     parser.add_argument("--mode", choices=("sync", "async", "both"), default="both",
                         help="pipeline mode(s): on-policy, or generation one step ahead")
+    parser.add_argument("--prompts-per-request", type=int, default=PROMPTS // 2,
+                        help="rollout.prompts_per_request for the pipeline (default "
+                             f"{PROMPTS // 2}: two requests, so the first is scored while the "
+                             f"second generates; {PROMPTS}: one request, scoring after it)")
     parser.add_argument("--rollout-only", action="store_true",
                         help="only the rollout-backend comparison (no pipeline, TRL, standalone)")
     args = parser.parse_args()
@@ -258,34 +298,43 @@ def main() -> None:
     print_rollout_backends(rollout, args.steps, args.warmup)
     if args.rollout_only:
         return
-    standalone = run_standalone(assets, args.steps, args.warmup, args.threads)
-    pipelines = {f"{b}, {mode}": run_pipeline(
-                     pipeline_config(assets, root / f"run-{b}-{mode}", args.steps, args.threads,
-                                     b, staleness), args.steps, args.warmup)
-                 for b in backends for mode, staleness in modes.items()}
+    standalone = Standalone(assets, args.threads)
+    pipelines = {}
+    for b in backends:
+        for mode, staleness in modes.items():
+            config = pipeline_config(assets, root / f"run-{b}-{mode}", args.steps, args.threads,
+                                     b, staleness, args.prompts_per_request)
+            alongside = standalone if b == "hf" and mode == "sync" else None
+            pipelines[f"{b}, {mode}"] = run_pipeline(config, args.steps, args.warmup, alongside)
+    if "hf, sync" in pipelines:
+        alone, where = pipelines["hf, sync"]["standalone"], "alternating with the sync run"
+    else:
+        alone = run_standalone(standalone, assets, args.steps, args.warmup)
+        where = "on its own"
     trl = None if args.no_trl else run_trl(assets, args.steps, args.warmup)
 
     rollouts = PROMPTS * SAMPLES
-    base = standalone["generate_s"] + standalone["learn_s"]
     print(f"\n# {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s) "
           f"per process; {PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens; "
           f"medians over {args.steps - args.warmup} steps")
-    print(f"{'':<26}{'step s':>8} {'steps/s':>8} {'rollouts/s':>11}")
+    print(f"{'':<32}{'step s':>8} {'steps/s':>8} {'rollouts/s':>11}")
+
+    def line(name: str, t: float) -> None:
+        print(f"{name:<32}{t:>8.3f} {1 / t:>8.2f} {rollouts / t:>11.1f}")
+
+    base = alone["generate_s"] + alone["learn_s"]
     for b, pipeline in pipelines.items():
-        print(f"{'harpo (Ray, ' + b + ')':<26}{pipeline['step_s']:>8.3f} "
-              f"{1 / pipeline['step_s']:>8.2f} {rollouts / pipeline['step_s']:>11.1f}")
-    print(f"{'standalone gen + update':<26}{base:>8.3f} {1 / base:>8.2f} {rollouts / base:>11.1f}")
+        line(f"harpo (Ray, {b})", pipeline["step_s"])
+    line("standalone gen + update", base)
     if trl is not None:
-        t = trl["step_time_s_median"]
-        print(f"{'TRL GRPOTrainer ' + trl['trl_version']:<26}{t:>8.3f} {1 / t:>8.2f} "
-              f"{rollouts / t:>11.1f}")
+        line(f"TRL GRPOTrainer {trl['trl_version']}", trl["step_time_s_median"])
     for b, pipeline in pipelines.items():
         print(f"\npipeline stages, {b} (s): " + ", ".join(
             f"{k.removesuffix('_s')} {pipeline[k]:.3f}" for k in
             ("generate_s", "score_s", "rollout_wait_s", "modulate_s", "learn_s",
              "learner_fetch_s", "learner_update_s", "sync_s")))
-    print(f"standalone stages (s): generate {standalone['generate_s']:.3f}, "
-          f"update {standalone['learn_s']:.3f}")
+    print(f"standalone stages ({where}) (s): generate {alone['generate_s']:.3f}, "
+          f"update {alone['learn_s']:.3f}")
     for mode in modes:  # the standalone baseline runs the HF backend
         if f"hf, {mode}" not in pipelines:
             continue
