@@ -69,10 +69,10 @@ def pipeline_config(assets, run_dir: Path, steps: int, threads: int, backend: st
     }, source="benchmark config")
 
 
-def run_pipeline(config, steps: int, warmup: int, standalone: Standalone | None = None
-                 ) -> dict:
-    """``steps`` pipeline steps; with ``standalone``, each followed by one standalone step on
-    the same prompts.
+def run_pipeline(config, steps: int, warmup: int, standalone: Standalone | None = None,
+                 assets=None) -> dict:
+    """``steps`` pipeline steps; with ``standalone`` (and the ``assets`` the config points
+    at), each followed by one standalone step on the same prompts.
 
     Alternating the two means slow and fast phases of the machine (other tenants, frequency
     changes) fall on both alike, so their ratio is measured side by side, not minutes apart.
@@ -85,7 +85,7 @@ def run_pipeline(config, steps: int, warmup: int, standalone: Standalone | None 
     connect(num_cpus=8)
     from services.controller import Trainer
 
-    prompts = step_prompts(config_assets(config), steps)
+    prompts = step_prompts(assets, steps) if standalone is not None else None
     trainer = Trainer(config)
     rows, alone = [], []
     try:
@@ -110,12 +110,6 @@ def run_standalone(standalone: Standalone, assets, steps: int, warmup: int) -> d
     prompts = step_prompts(assets, steps)
     alone = [standalone.step(step, prompts[step]) for step in range(steps)][warmup:]
     return {k: statistics.median(a[k] for a in alone) for k in alone[0]}
-
-
-def config_assets(config):
-    from services.tiny.model import TinyAssets
-
-    return TinyAssets(model_dir=Path(config.model.path), data_dir=Path(config.data.path))
 
 
 def step_rows(assets, steps: int) -> tuple:
@@ -305,7 +299,8 @@ def main() -> None:
             config = pipeline_config(assets, root / f"run-{b}-{mode}", args.steps, args.threads,
                                      b, staleness, args.prompts_per_request)
             alongside = standalone if b == "hf" and mode == "sync" else None
-            pipelines[f"{b}, {mode}"] = run_pipeline(config, args.steps, args.warmup, alongside)
+            pipelines[f"{b}, {mode}"] = run_pipeline(config, args.steps, args.warmup, alongside,
+                                                     assets)
     if "hf, sync" in pipelines:
         alone, where = pipelines["hf, sync"]["standalone"], "alternating with the sync run"
     else:
