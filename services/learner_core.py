@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -363,7 +364,12 @@ class LearnerCore:
                 first = epoch == 0 and start == 0
                 self._train_mini_batch(mini, totals, measure_mismatch=first,
                                        check_mismatch=first and check_mismatch)
-        self.scheduler.step()  # the schedule counts updates (RL steps), not optimizer steps
+        # The schedule counts updates (RL steps), not optimizer steps - also an update whose
+        # every optimizer step was skipped (non-finite gradients), where torch would warn that
+        # the scheduler ran before the optimizer: here that order is intended.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         totals["n_sequences"] = float(local_size)
         totals["n_tokens"] = float(batch["response_mask"].sum())
         return self._finish_metrics(totals)

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -117,8 +118,14 @@ def test_non_finite_gradients_skip_the_step(model_dir):
     batch = make_batch()
     batch["advantages"][:] = float("nan")
     before = params(learner)
-    metrics = learner.update(batch, global_batch_size=BATCH)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = learner.update(batch, global_batch_size=BATCH)
     assert metrics["skipped_steps"] == 2
+    # the update still counts as an RL step for the LR schedule, without torch's
+    # "scheduler before optimizer" warning (that order is intended here)
+    assert learner.scheduler.last_epoch == 1
+    assert [str(w.message) for w in caught if "lr_scheduler" in str(w.message)] == []
     assert all(torch.equal(before[name], value) for name, value in params(learner).items())
 
 
