@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "it with HARPO on local Ray, and report per-task results.")
     p.add_argument("--workdir", default="runs/demo", help="where assets and the run go")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="RL steps (default 60, services/demo.py RL_STEPS)")
+                   help="RL steps (default 40, services/demo.py RL_STEPS)")
     p.add_argument("--sft-steps", type=positive_int, default=None,
-                   help="steps of the supervised warm start (default 200, services/demo.py "
+                   help="steps of the supervised warm start (default 300, services/demo.py "
                         "SFT_STEPS); the same steps give the same model")
     p.add_argument("--sft-seconds", type=float, default=None,
                    help="optional safety cap on the warm start's time (a capped run is not "
