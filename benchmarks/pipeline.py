@@ -84,13 +84,14 @@ def run_pipeline(config, steps: int, warmup: int, standalone: Standalone | None 
 
     connect(num_cpus=8)
     from services.controller import Trainer
+    from services.step_record import metrics_row
 
     prompts = step_prompts(assets, steps) if standalone is not None else None
     trainer = Trainer(config)
     rows, alone = [], []
     try:
         for step in range(steps):
-            rows.append(trainer.train_step().metrics)
+            rows.append(metrics_row(trainer.step()))
             if standalone is not None:
                 alone.append(standalone.step(step, prompts[step]))
     finally:

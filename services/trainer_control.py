@@ -13,17 +13,39 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
+from typing import Protocol
+
+from services.config import TrainConfig
 
 # How long a blocking command (checkpoint, scale, stop) may wait for the current step to end.
 COMMAND_TIMEOUT_S = 3600.0
 
 
-class TrainerControl:
-    """Implements ``services.control.target.ControlTarget`` over a :class:`Trainer`."""
+class Driver(Protocol):
+    """What the control API needs from the training loop (``services.controller.Trainer``)."""
 
-    def __init__(self, trainer):
-        self._trainer = trainer
+    run_dir: object  # services.run_dir.RunDir
+
+    def progress(self) -> dict:
+        """``step`` (completed), ``policy_version``, ``rollout_workers``."""
+        ...
+
+    def scale_rollouts(self, workers: int) -> int: ...
+
+    def checkpoint(self) -> Path: ...
+
+
+class TrainerControl:
+    """Implements ``services.control.target.ControlTarget`` for a training loop."""
+
+    def __init__(self, driver: Driver, config: TrainConfig,
+                 on_state: Callable[[str], None] = lambda state: None):
+        self._driver = driver
+        self._config = config
+        self._on_state = on_state
         self._commands: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._state = "starting"
@@ -37,21 +59,21 @@ class TrainerControl:
     # ------------------------------------------------------------------ RPC side (any thread)
 
     def status(self) -> dict:
-        t = self._trainer
+        progress = self._driver.progress()
         row = self._last_row
         with self._lock:
             state = self._state
         return {
-            "job": t.config.run.name,
+            "job": self._config.run.name,
             "state": state,
-            "step": t.step,
-            "total_steps": t.config.run.steps,
-            "policy_version": t.version,
-            "rollout_workers": len(t.pool.workers) if hasattr(t, "pool") else 0,
+            "step": progress["step"],
+            "total_steps": self._config.run.steps,
+            "policy_version": progress["policy_version"],
+            "rollout_workers": progress["rollout_workers"],
             "rollouts_per_s": float(row.get("rollouts_per_s", 0.0)),
             "tokens_per_s": float(row.get("tokens_per_s", 0.0)),
             "last_step_s": float(row.get("timing", {}).get("step_s", 0.0)),
-            "run_dir": str(t.run_dir.root),
+            "run_dir": str(self._driver.run_dir.root),
         }
 
     def modulator_state(self) -> dict:
@@ -61,7 +83,7 @@ class TrainerControl:
     def scale_rollouts(self, workers: int) -> dict:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"rollout workers must be a positive integer, got {workers!r}")
-        policy = self._trainer.config.rollout.autoscale
+        policy = self._config.rollout.autoscale
         if policy.enabled and not policy.min_workers <= workers <= policy.max_workers:
             raise ValueError(
                 f"autoscaling keeps rollout workers within [{policy.min_workers}, "
@@ -98,8 +120,7 @@ class TrainerControl:
     def set_state(self, state: str) -> None:
         with self._lock:
             self._state = state
-        if self._trainer.metrics is not None:
-            self._trainer.metrics.set_state(state)
+        self._on_state(state)
         if state in ("finished", "failed"):
             self._drain(f"the job has {state}")
 
@@ -123,7 +144,7 @@ class TrainerControl:
             self._run(command, args, future)
 
     def _run(self, command: str, args: tuple, future: Future) -> None:
-        t = self._trainer
+        t = self._driver
         try:
             if command == "scale":
                 future.set_result(t.scale_rollouts(*args))
@@ -177,7 +198,7 @@ class TrainerControl:
 
     def finish(self) -> None:
         if self.stop_requested and self._stop_futures:  # stopped at the last step anyway
-            self.stopped(self._trainer.run_dir.latest_valid_checkpoint())
+            self.stopped(self._driver.run_dir.latest_valid_checkpoint())
         self.set_state("finished")
 
     def _drain(self, reason: str) -> None:

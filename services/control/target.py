@@ -1,8 +1,9 @@
 """What a running job offers to its control API.
 
-The training driver (``services.controller.Trainer``) implements this; ``ControlServer`` turns each
-RPC into one call. Keeping the interface a plain Protocol with dict results keeps gRPC and
-protobuf out of the driver, and lets the tests serve a small in-process double instead of a job.
+The training loop's ``services.trainer_control.TrainerControl`` implements this;
+``ControlServer`` turns each RPC into one call. Keeping the interface a plain Protocol with dict
+results keeps gRPC and protobuf out of the driver, and lets the tests serve a small in-process
+double instead of a job.
 
 Errors: raise ``ValueError`` when the user asked for something wrong or not possible now (the
 message reaches the user as is: INVALID_ARGUMENT for ``scale_rollouts``, FAILED_PRECONDITION for

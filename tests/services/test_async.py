@@ -69,7 +69,7 @@ def test_an_async_run_scaled_evaluated_stopped_and_resumed_loses_no_prompt(
         trainer.run(steps=2)  # step 2's rollouts are being generated when this returns
         trainer.scale_rollouts(1)  # waits for the pool to be idle
         scores = trainer.evaluate()  # on the newest weights (the pool is synced first)
-        assert trainer.pool.version == trainer.version == 2
+        assert trainer.actors.pool.version == trainer.version == 2
         assert set(scores["reward"]) == set(trainer.train_set.task_names)
     finally:
         trainer.shutdown()

@@ -6,7 +6,8 @@ import sys
 import pytest
 import yaml
 
-from services.controller import DataError, Trainer
+from services.controller import Trainer
+from services.prompts import DataError
 from tests.services.conftest import tiny_config
 
 

@@ -121,7 +121,7 @@ def test_control_api_drives_a_running_job(running_job):
     stopped_at = client.stop()["checkpoint"]
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in outcome
-    final = trainer.step
+    final = trainer.completed_steps
     assert final < 40
     latest = RunDir(run_dir).latest_valid_checkpoint()
     assert str(latest) == stopped_at

@@ -43,12 +43,12 @@ def fault_free(tiny_assets, ray_cluster, tmp_path_factory):
 
 def _victim(trainer, role):
     if role == "rollout":
-        return trainer.pool.workers[0].actor
+        return trainer.actors.pool.workers[0].actor
     if role == "reward":
-        return trainer.pool.scorers[0].actor
+        return trainer.actors.pool.scorers[0].actor
     if role == "modulator":
-        return trainer.modulator
-    return trainer.learners.learners[0]
+        return trainer.actors.modulator
+    return trainer.actors.learners.learners[0]
 
 
 def _run_with_kill(trainer, role):
@@ -58,7 +58,7 @@ def _run_with_kill(trainer, role):
     def killer():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if trainer.step == 1 and trainer.pool.inflight() > 0:
+            if trainer.completed_steps == 1 and trainer.actors.pool.inflight() > 0:
                 # the modulator is restarted by Ray (it reloads its state); the others die
                 ray.kill(_victim(trainer, role), no_restart=role != "modulator")
                 killed.set()

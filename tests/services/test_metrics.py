@@ -1,7 +1,8 @@
 """The job's Prometheus endpoint: real rows in, a real HTTP scrape out, values compared exactly.
 
-Rows come from the controller's own ``Trainer._step_metrics`` applied to synthetic rewards run
-through the real HARPO modulator, so a key the controller adds or renames shows up here.
+Rows come from the driver's own ``metrics_row`` of a ``StepRecord`` whose advantages went
+through the real ``harpo`` estimator and modulator, so a key the driver adds or renames shows
+up here.
 """
 
 import math
@@ -11,21 +12,20 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harpo_core import GroupedBatch, GroupStats, HarpoConfig, HarpoModulator
-from harpo_core.estimators import grpo
-from services.controller import Trainer
+from harpo_core import HarpoConfig, HarpoModulator, make_estimator
+from services.advantages import step_advantages
 from services.metrics import (
     RESTART_ROLES,
     SAMPLE_FACTOR_BUCKETS,
     MetricsExporter,
     MetricsPortError,
 )
+from services.step_record import StepRecord, WeightSyncReport, metrics_row
 
 JOB = "unit-job"
 TASKS = ("emotion", "sentiment", "qa")
@@ -82,11 +82,6 @@ def synthetic_step(modulator, step, rng, tasks=TASKS, groups_per_task=3, group_s
             g += 1
     codes, group_ids = np.array(codes), np.array(group_ids)
     rewards = np.concatenate(rewards)
-    batch = GroupedBatch.build(rewards, group_ids, codes, task_names=names)
-    base = grpo(batch)
-    modulation = modulator.update_groups(step, GroupStats.from_batch(batch, base))
-    advantages = base * batch.groups.broadcast(modulation.sample_factors
-                                               * modulation.group_task_factors)
     n = rewards.size
     # the per-rollout summary the reward scorers return (services/reward_scorer.summarize)
     summary = {
@@ -94,7 +89,7 @@ def synthetic_step(modulator, step, rng, tasks=TASKS, groups_per_task=3, group_s
         "task_code": codes, "reward": rewards, "accuracy": (rewards > 0.5).astype(float),
         "reward_format": rng.random(n), "response_length": rng.integers(3, 12, n),
         "stopped": rng.random(n) > 0.3, "policy_version": np.full(n, step),
-        "reward_error": rng.random(n) > 0.9,
+        "reward_error": rng.random(n) > 0.9, "rollout_id": np.arange(n),
     }
     learner = {"loss": rng.normal() if loss is None else loss, "kl": 0.01, "entropy": 2.5,
                "clip_frac": 0.1, "approx_kl": 1e-4, "grad_norm": 0.7, "lr": 1e-3,
@@ -102,14 +97,15 @@ def synthetic_step(modulator, step, rng, tasks=TASKS, groups_per_task=3, group_s
                "fetch_s": 0.01, "update_s": 0.2}
     times = {"generate_s": 1.5, "score_s": 0.25, "modulate_s": 0.003, "learn_s": 0.4,
              "sync_s": 0.05, "step_s": 2.25}
-    # the trainer attributes _step_metrics reads besides its arguments
-    fake = SimpleNamespace(train_set=SimpleNamespace(task_names=names),
-                           pool=SimpleNamespace(workers=["rollout-0", "rollout-1"]),
-                           restarts={"rollout": 1}, weight_sync_failures=0, _dropped_groups=0)
-    row = Trainer._step_metrics(fake, step, summary, advantages, modulation, learner, times,
-                                0.04)
-    group_tasks = [batch.task_names[c] for c in batch.group_task]
-    return row, modulation, group_tasks
+    # the driver's own path: the harpo estimator around this modulator, then the step record
+    estimator = make_estimator("harpo", modulator=modulator)
+    advantages = step_advantages(estimator, step, summary, names, drop_failed_groups=False)
+    record = StepRecord(
+        step=step, task_names=names, summary=summary, advantages=advantages, learner=learner,
+        timings=times, sync=WeightSyncReport(True, 0.05, {"rollout-0": 0.04}),
+        rollouts_per_worker={"rollout-0": n}, rollout_workers=2, restarts={"rollout": 1},
+        weight_sync_failures=0)
+    return metrics_row(record), advantages.modulation, list(advantages.group_tasks)
 
 
 def scrape(url):

@@ -55,7 +55,7 @@ def test_a_run_writes_its_directory_and_the_modulator_sees_groups_only(
     for step in (1, 2):
         checkpoint = run / "checkpoints" / f"step-{step:06d}"
         names = {p.name for p in checkpoint.iterdir()}
-        assert {"model", "modulator.json", "sampler.json", "trainer.json",
+        assert {"model", "estimator.json", "sampler.json", "trainer.json",
                 "MANIFEST.json"} <= names
         assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors",
                 "optimizer.json"} <= {p.name for p in (checkpoint / "model").iterdir()}

@@ -1,0 +1,150 @@
+"""The actors of a run, built from its config in one place.
+
+``ActorSet`` owns the rollout pool (rollout workers and reward scorers), the learner group,
+the weight-sync transport, and the advantage estimator with its central modulator actor when
+the estimator takes one (HARPO). The driver builds one per (re)start and tears it down whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from harpo_core import HarpoConfig, make_estimator
+from harpo_core.estimators import Estimator, estimator_parameters
+from services.config import TrainConfig
+from services.learner import LearnerGroup
+from services.modulator_actor import ModulatorService, RemoteModulator, modulator_name
+from services.prompts import derive_seed
+from services.reward_scorer import RewardScorer
+from services.rollout.backend import SamplingParams
+from services.rollout.pool import RolloutPool
+from services.rollout.worker import RolloutWorker
+from services.step_record import WeightSyncReport
+from services.weight_sync import make_weight_sync
+
+log = logging.getLogger(__name__)
+
+MODULATOR_STATE = "modulator-live.json"  # the modulator's state after its last update
+HARPO_FIELDS = frozenset(HarpoConfig.__dataclass_fields__)
+
+
+def sampling_params(config: TrainConfig) -> SamplingParams:
+    r = config.rollout
+    return SamplingParams(n=r.group_size, max_new_tokens=r.max_new_tokens,
+                          temperature=r.temperature, top_p=r.top_p, stop=tuple(r.stop))
+
+
+def backend_options(config: TrainConfig) -> dict:
+    """The engine options of the configured backend: its own section under ``rollout`` (e.g.
+    ``rollout.vllm``), if it has one."""
+    section = getattr(config.rollout, config.rollout.backend, None)
+    if section is None:
+        return {}
+    options = section.model_dump(mode="json")
+    options["trust_remote_code"] = config.model.trust_remote_code
+    if "max_model_len" in options and options["max_model_len"] is None:
+        options["max_model_len"] = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+    return options
+
+
+class ActorSet:
+    """Rollout pool, learners, weight sync and estimator of one run (Ray must be initialised).
+
+    ``version`` is the policy version of the weights in ``model_dir``; ``estimator_state`` the
+    estimator's state to resume from (None: fresh).
+    """
+
+    def __init__(self, config: TrainConfig, model_dir: str, *, version: int,
+                 estimator_state: dict | None, run_root: Path,
+                 on_restart: Callable[[str], None], on_queue_depth: Callable[[int], None]):
+        self.config = config
+        r = config.rollout
+        sampling, options = sampling_params(config), backend_options(config)
+
+        def make_worker(name: str):
+            return RolloutWorker.options(
+                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                resources=dict(r.resources) or None,
+            ).remote(name, r.backend, model_dir, sampling, r.torch_threads, options, version,
+                     r.weight_sync)
+
+        def make_scorer(name: str):
+            return RewardScorer.options(
+                num_cpus=config.reward.cpus_per_scorer,
+                resources=dict(config.reward.resources) or None,
+            ).remote(config.reward_config(), config.reward.torch_threads)
+
+        self.pool = RolloutPool(make_worker, make_scorer, workers=r.workers,
+                                scorers=config.reward.scorers, version=version,
+                                max_retries=r.request_retries, on_restart=on_restart,
+                                on_queue_depth=on_queue_depth,
+                                learner_shards=config.learner.workers)
+        self.modulator = None  # the modulator actor, when the estimator takes one
+        self.estimator = self._make_estimator(run_root, on_restart)
+        if estimator_state is not None:
+            self.estimator.load_state_dict(estimator_state)
+        self.learners = LearnerGroup(config, model_dir, version=version)
+        self.weight_sync = make_weight_sync(r.weight_sync)
+
+    def _make_estimator(self, run_root: Path, on_restart) -> Estimator:
+        """The configured estimator; one that takes a modulator gets the run's central one."""
+        alg, run = self.config.algorithm, self.config.run
+        params = alg.estimator_params()
+        if "modulator" not in estimator_parameters(alg.estimator):
+            return make_estimator(alg.estimator, **params)
+        modulator_config = HarpoConfig(**{k: v for k, v in params.items() if k in HARPO_FIELDS})
+        # One name per run directory: stable across restarts, distinct between runs. On the
+        # driver's node, so that its state file is the run directory's; Ray restarts it after
+        # a crash and it reloads that file (see modulator_actor).
+        run_key = f"{run.name}-{derive_seed(str(run.output_dir)) % 10**8:08d}"
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.modulator = ModulatorService.options(
+            name=modulator_name(run_key), max_restarts=-1, max_task_retries=-1,
+            scheduling_strategy=here,
+        ).remote(modulator_config, None, str(run_root / MODULATOR_STATE))
+        ray.get(self.modulator.ready.remote())
+        rest = {k: v for k, v in params.items() if k not in HARPO_FIELDS}
+        return make_estimator(alg.estimator, modulator=RemoteModulator(self.modulator, on_restart),
+                              **rest)
+
+    # ------------------------------------------------------------------ weights
+
+    def sync_weights(self, version: int) -> WeightSyncReport:
+        """Give the rollout pool the learners' weights (policy ``version``) unless it holds
+        them already: the one place weights move from learners to rollout workers."""
+        if self.pool.version == version:
+            return WeightSyncReport()
+        t0 = time.perf_counter()
+        result = self.pool.sync(version, self.weight_sync.publish(self.learners))
+        return WeightSyncReport(True, time.perf_counter() - t0, dict(result.seconds),
+                                result.failures)
+
+    # ------------------------------------------------------------------ membership
+
+    def scale_rollouts(self, workers: int) -> tuple[int, set[str]]:
+        """Resize the rollout pool (it must be idle); returns the previous size and the names
+        of the workers removed."""
+        before = {m.name for m in self.pool.workers}
+        previous = self.pool.scale(workers)
+        return previous, before - {m.name for m in self.pool.workers}
+
+    def modulator_stats(self) -> dict | None:
+        return None if self.modulator is None else ray.get(self.modulator.stats.remote())
+
+    def task_factors(self) -> dict[str, float]:
+        return {} if self.modulator is None else ray.get(self.modulator.task_factors.remote())
+
+    def shutdown(self) -> None:
+        for part in (self.pool.shutdown, self.learners.shutdown):
+            try:
+                part()
+            except Exception as exc:  # noqa: BLE001 - tearing down after a failure
+                log.warning("while shutting down: %s", exc)
+        if self.modulator is not None:
+            ray.kill(self.modulator, no_restart=True)

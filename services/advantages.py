@@ -1,0 +1,40 @@
+"""A step's advantages: the configured estimator over the step's scored rollouts.
+
+Every estimator goes through the same path (``harpo_core.make_estimator``); HARPO differs only
+in that its modulator is the run's central modulator actor (``services.modulator_actor``).
+Groups whose reward failed are dropped here when ``reward.on_error: drop_group`` asks for it:
+they get advantage 0 and stay out of the estimator's (and so the modulator's) statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from harpo_core.estimators import Estimator
+from services.step_record import StepAdvantages
+
+log = logging.getLogger(__name__)
+
+
+def step_advantages(estimator: Estimator, step: int, summary: dict[str, np.ndarray],
+                    task_names: tuple[str, ...], *, drop_failed_groups: bool) -> StepAdvantages:
+    """Advantages of every rollout of ``summary`` (the scorers' per-rollout numbers)."""
+    keep = np.ones(summary["reward"].size, dtype=bool)
+    dropped = 0
+    if drop_failed_groups and summary["reward_error"].any():
+        bad_groups = np.unique(summary["group_id"][summary["reward_error"]])
+        keep = ~np.isin(summary["group_id"], bad_groups)
+        dropped = int(bad_groups.size)
+        log.warning("step %d: dropping %d group(s) whose reward failed", step, dropped)
+    values = np.zeros(keep.size)
+    if not keep.any():
+        return StepAdvantages(values, dropped_groups=dropped)
+    out = estimator.compute(summary["reward"][keep], summary["group_id"][keep],
+                            summary["task_code"][keep], step=step, task_names=task_names)
+    values[keep] = out.advantages
+    modulation = out.extras.get("modulation")
+    if modulation is None:
+        return StepAdvantages(values, dropped_groups=dropped)
+    return StepAdvantages(values, modulation.groups, tuple(modulation.group_tasks), dropped)

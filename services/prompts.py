@@ -1,0 +1,96 @@
+"""Prompts for the rollout pool: the data split, its tokens, and the requests cut from them.
+
+A step's prompts are cut into requests of a fixed number of prompts, each with its own seed
+derived from the run seed, the step and the request's position, so the same step always
+produces the same rollouts however many workers serve it and whichever of them fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from harpo_core.data import DataColumns, PromptSet, load_prompts
+from services.chat import tokenize_prompts
+from services.config import TrainConfig
+from services.rollout.worker import RolloutRequest
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as configured."""
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from the run seed and a position (step, chunk, ...)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def check_prompt_lengths(token_ids: list[list[int]], limit: int, split: str) -> None:
+    lengths = np.array([len(t) for t in token_ids])
+    too_long = np.flatnonzero(lengths > limit)
+    if too_long.size:
+        shown = ", ".join(f"row {i} ({lengths[i]} tokens)" for i in too_long[:5])
+        raise DataError(
+            f"{too_long.size} {split} prompt(s) exceed data.max_prompt_tokens={limit}: {shown}; "
+            f"raise the limit (within the model's context) or shorten the prompts"
+        )
+
+
+def load_split(config: TrainConfig, split: str) -> PromptSet:
+    d = config.data
+    columns = DataColumns(prompt=d.prompt_column, answer=d.answer_column, task=d.task_column,
+                          dataset=d.dataset_column, task_type=d.task_type_column)
+    allowed = ("classification", "qa", *config.reward.custom)
+    return load_prompts(d.path, split, columns=columns, tasks=d.tasks,
+                        task_types_allowed=allowed)
+
+
+@dataclass
+class TokenizedPrompts:
+    """A prompt set and the chat-templated token ids of (some of) its prompts."""
+
+    prompts: PromptSet
+    token_ids: list[list[int] | None]  # one entry per prompt; None where not tokenized
+    rows: np.ndarray  # the tokenized rows, in task order
+
+    @classmethod
+    def build(cls, config: TrainConfig, tokenizer, split: str,
+              per_task: int | None = None) -> TokenizedPrompts:
+        """Load ``split`` and tokenize its prompts (only the first ``per_task`` of each task,
+        when given); prompt lengths are checked against ``data.max_prompt_tokens``."""
+        prompts = load_split(config, split)
+        rows = np.arange(len(prompts))
+        if per_task is not None:
+            rows = np.concatenate([prompts.indices_of_task(c)[:per_task]
+                                   for c in range(len(prompts.task_names))])
+        ids = tokenize_prompts(tokenizer, [prompts.prompts[i] for i in rows])
+        check_prompt_lengths(ids, config.data.max_prompt_tokens, split)
+        token_ids: list[list[int] | None] = [None] * len(prompts)
+        for i, t in zip(rows, ids):
+            token_ids[i] = t
+        return cls(prompts, token_ids, rows)
+
+    def requests(self, indices: np.ndarray, *, step: int, version: int, seed: int,
+                 seed_tag: str, chunk_prompts: int) -> list[RolloutRequest]:
+        """Cut ``indices`` (rows of the prompt set) into requests of ``chunk_prompts``."""
+        positions = np.arange(indices.size)
+        chunks = [positions[i:i + chunk_prompts] for i in range(0, indices.size, chunk_prompts)]
+        p = self.prompts
+        return [
+            RolloutRequest(
+                step=step,
+                seed=derive_seed(seed, seed_tag, step, k),
+                policy_version=version,
+                prompt_indices=indices[c],
+                group_ids=c,
+                task_codes=p.task_codes[indices[c]],
+                task_names=p.task_names,
+                task_types=p.task_types,
+                answers=[p.answers[i] for i in indices[c]],
+                prompt_ids=[self.token_ids[i] for i in indices[c]],
+            )
+            for k, c in enumerate(chunks)
+        ]
