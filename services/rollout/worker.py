@@ -92,7 +92,6 @@ class RolloutWorker:
         self.params = params
         self.backend = make_backend(backend, model_dir, options or {})
         self.version = initial_version
-        self.served = 0
 
     def ready(self) -> dict:
         return {"name": self.name, "version": self.version, "pid": os.getpid()}
@@ -115,7 +114,6 @@ class RolloutWorker:
         gen = self.backend.generate(request.prompt_ids, params, seed=request.seed)
         keep = np.arange(gen.token_ids.shape[1])[None, :] < gen.lengths[:, None]
         texts = self.backend.decode([row[m].tolist() for row, m in zip(gen.token_ids, keep)])
-        self.served += len(texts)
         return build_batch(request, gen, texts, params.n, self.name)
 
     def shutdown(self) -> None:
