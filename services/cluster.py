@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-# Defaults that make a local Ray quiet and self-contained (see PLATFORM.md); a user's own
-# environment wins.
+# Defaults that make a local Ray quiet and self-contained (no auth token, no usage stats, no
+# downloads from the Hugging Face Hub, no progress bars); a user's own environment wins.
 RAY_ENV_DEFAULTS = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harpo_core import HarpoConfig, available_estimators
 from harpo_core.rewards import RewardConfig
+from services.rollout.registry import available_backends
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -103,7 +104,7 @@ class AutoscaleSection(_Section):
 
 
 class RolloutSection(_Section):
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: str = "hf"  # a services/rollout/<name>_backend.py module (services.rollout.registry)
     workers: PositiveInt = 2
     # Prompts per generation request; null: prompts_per_step / workers (rounded up) at start.
     # Fixed for a run, so a request's prompts and seed never depend on the live worker count.
@@ -123,6 +124,14 @@ class RolloutSection(_Section):
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per worker
     torch_threads: PositiveInt = 1
     vllm: VLLMSection = Field(default_factory=VLLMSection)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in available_backends():
+            raise ValueError(f"unknown rollout backend {value!r}; available: "
+                             f"{available_backends()}")
+        return value
 
 
 class RewardSection(_Section):

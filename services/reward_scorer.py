@@ -36,7 +36,6 @@ class RewardScorer:
 
         torch.set_num_threads(torch_threads)
         self.composer = RewardComposer(config)
-        self.scored = 0
 
     def ready(self) -> int:
         return os.getpid()
@@ -66,5 +65,4 @@ class RewardScorer:
                 log.warning("reward function failed on prompt %d (rollout row %d, policy version "
                             "%d); scored by reward.on_error: %s", prompts[row], row,
                             versions[row], message)
-        self.scored += batch.num_rows
         return with_rewards(batch, rewards), summarize(batch, rewards, lengths)

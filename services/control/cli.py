@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from services.cli import positive_int  # one argument type for every harpo command
+from services.cli_args import positive_int  # one argument type for every harpo command
 
 TOKEN_ENV = "HARPO_CONTROL_TOKEN"
 

@@ -1,1 +1,2 @@
-"""Rollout generation: one backend interface, a Hugging Face backend and the Ray actor."""
+"""Rollout generation: the backend interface and registry, the Hugging Face and vLLM backends,
+the worker actor and the elastic pool of workers and reward scorers."""

@@ -1,4 +1,9 @@
-"""The interface every rollout backend implements (Hugging Face ``generate``, vLLM)."""
+"""The interface every rollout backend implements (Hugging Face ``generate``, vLLM).
+
+A backend lives in its own module ``services/rollout/<name>_backend.py`` and registers its class
+with ``@register_backend("<name>")`` (:mod:`services.rollout.registry`); ``rollout.backend:
+<name>`` then selects it, and a rollout worker imports only that module.
+"""
 
 from __future__ import annotations
 
@@ -40,16 +45,39 @@ class Generation:
 
 
 class RolloutBackend(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int
-                 ) -> Generation:
-        """For each prompt (token ids), ``params.n`` responses; reproducible given ``seed``."""
+    """What a rollout worker needs from a backend. One instance lives in one worker actor
+    and serves one policy at a time; calls never overlap."""
+
+    @classmethod
+    def from_options(cls, model_dir: str, options: dict) -> RolloutBackend:
+        """Load the model in ``model_dir`` (Hugging Face format) for generation.
+
+        ``options`` is the worker's backend options (a plain dict, possibly empty): the
+        backend's own settings, e.g. ``device``; a backend documents the keys it reads.
+        """
         ...
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int
+                 ) -> Generation:
+        """For each prompt (token ids), ``params.n`` responses; reproducible given ``seed``.
 
-    def decode(self, token_ids: list[list[int]]) -> list[str]: ...
+        The log-prob of a sampled token is ``log_softmax(logits / temperature)`` (plain
+        ``log_softmax(logits)`` when greedy), what the learner recomputes; a response ends at
+        its first end token (counted in its length), a stop string or ``max_new_tokens``.
+        """
+        ...
 
-    def shutdown(self) -> None: ...
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the policy's weights with a full state dict (Hugging Face names)."""
+        ...
+
+    def decode(self, token_ids: list[list[int]]) -> list[str]:
+        """Response texts of unpadded token ids."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release what the backend holds (engine processes, GPU memory)."""
+        ...
 
 
 def resolve_eos_ids(generation_eos, tokenizer) -> list[int]:

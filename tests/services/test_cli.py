@@ -32,3 +32,13 @@ def test_bad_arguments_name_the_problem():
     result = harpo("simulate", "--zero-signal", "drop")
     assert "invalid choice: 'drop'" in result.stderr
     assert harpo().returncode == 2
+
+
+def test_the_control_commands_do_not_import_the_main_cli():
+    """``services.cli`` builds its parser from ``services.control.cli``; the reverse import
+    would be a cycle, so the shared argument types live in ``services.cli_args``."""
+    code = ("import sys, services.control.cli; "
+            "assert 'services.cli' not in sys.modules, 'services.control.cli imports services.cli'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -29,7 +29,9 @@ def test_defaults_are_the_papers():
 @pytest.mark.parametrize("data, message", [
     (_with("rollout", group_size=1),
      r"rollout.group_size: Input should be greater than or equal to 2 \(got 1\)"),
-    (_with("rollout", backend="tgi"), r"rollout.backend: Input should be 'hf' or 'vllm'"),
+    (_with("rollout", backend="tgi"),
+     r"rollout.backend: unknown rollout backend 'tgi'; available: \['hf', 'vllm'.*\] "
+     r"\(got 'tgi'\)"),
     (_with("rollout", max_staleness=2),
      r"rollout.max_staleness: Input should be less than or equal to 1 \(got 2\)"),
     (_with("rollout", grup_size=4), r"rollout.grup_size: unknown field"),
