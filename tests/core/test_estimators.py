@@ -7,7 +7,7 @@ import pytest
 
 from harpo_core import available_estimators, compute_advantages, make_estimator
 from harpo_core.estimators import register_estimator
-from harpo_core.naive import naive_grpo
+from tests.core.naive import naive_grpo
 
 # Two tasks: task "a" has a mixed group [1, 0, 1] and a constant group of 0.1s (whose float
 # mean differs from 0.1 in the last bit); task "b" has a pair and a group of one.

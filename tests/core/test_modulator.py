@@ -16,7 +16,7 @@ from harpo_core import (
     compute_advantages,
     make_estimator,
 )
-from harpo_core.naive import NaiveHarpo
+from tests.core.naive import NaiveHarpo
 
 UNCLAMPED = dict(task_clamp=None, sample_clamp=None)
 
