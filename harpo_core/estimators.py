@@ -36,6 +36,7 @@ from harpo_core.modulator import (
 )
 
 DEFAULT_EPS = 1e-6
+DEFAULT_EMA_DECAY = 0.99
 
 
 @dataclass
@@ -294,7 +295,7 @@ class EmaGrpo(_StepKeyed):
 
     name = "ema_grpo"
 
-    def __init__(self, decay: float = 0.99, eps: float = DEFAULT_EPS):
+    def __init__(self, decay: float = DEFAULT_EMA_DECAY, eps: float = DEFAULT_EPS):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")

@@ -30,6 +30,8 @@ class RunningBaseline:
     """``r - b`` where ``b`` is an EMA of the batch mean reward (updated before use)."""
 
     def __init__(self, decay: float = 0.5):
+        if not isinstance(decay, float):  # user code may fail with any exception
+            raise TypeError(f"decay must be a float, got {type(decay).__name__}")
         self.decay, self.baseline = decay, None
 
     def compute(self, rewards, group_ids, task_ids=None, *, step=None, task_names=None):
