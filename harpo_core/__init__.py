@@ -9,6 +9,7 @@ from harpo_core.estimators import (
     EstimatorOutput,
     available_estimators,
     compute_advantages,
+    estimator_parameters,
     make_estimator,
     register_estimator,
 )
@@ -18,6 +19,7 @@ from harpo_core.modulator import (
     HarpoConfig,
     HarpoModulator,
     ModulationResult,
+    Modulator,
 )
 from harpo_core.segments import Segments
 
@@ -29,9 +31,11 @@ __all__ = [
     "HarpoConfig",
     "HarpoModulator",
     "ModulationResult",
+    "Modulator",
     "Segments",
     "available_estimators",
     "compute_advantages",
+    "estimator_parameters",
     "make_estimator",
     "register_estimator",
 ]

@@ -9,10 +9,15 @@ both the same interface::
     est = make_estimator("harpo", beta_rho=0.9)
     out = est.compute(rewards, group_ids, task_ids, step=3)
     out.advantages          # [N] float64
+
+An estimator outside the registry is named ``"package.module:function"`` (a function
+``fn(batch: GroupedBatch, **params) -> advantages`` or a class like the stateful ones) and is
+then built and checked exactly like a registered one.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -20,10 +25,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from harpo_core.batch import GroupedBatch
-from harpo_core.modulator import HarpoConfig, HarpoModulator, ModulationResult
+from harpo_core.batch import GroupedBatch, check_finite
+from harpo_core.modulator import (
+    MODULATOR_METHODS,
+    HarpoConfig,
+    HarpoModulator,
+    ModulationResult,
+    Modulator,
+    modulate,
+)
 
 DEFAULT_EPS = 1e-6
+DEFAULT_EMA_DECAY = 0.99
 
 
 @dataclass
@@ -62,25 +75,84 @@ def available_estimators() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _check_params(name: str, target: Callable, params: dict, skip: int) -> None:
-    allowed = list(inspect.signature(target).parameters)[skip:]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {unknown} for estimator {name!r}; allowed: {allowed}"
-        )
+SPEC_FORM = "'package.module:function'"
+ESTIMATOR_METHODS = ("compute", "state_dict", "load_state_dict")
+
+
+def _load_spec(spec: str) -> Callable | type:
+    """Import the estimator named by ``"package.module:attr"`` (``attr`` may be dotted)."""
+    module_name, _, attr_path = (part.strip() for part in spec.partition(":"))
+    if not module_name or not attr_path:
+        empty = "module" if not module_name else "function"
+        raise ValueError(f"estimator spec {spec!r} has an empty {empty} part; expected {SPEC_FORM}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # a module may fail to import with any exception
+        raise ValueError(f"cannot import module {module_name!r} for estimator {spec!r}: "
+                         f"{type(err).__name__}: {err}") from err
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"estimator {spec!r}: no attribute {attr_path!r} "
+                             f"(looked up in module {module_name!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"estimator {spec!r} is not callable: it is a {type(target).__name__}")
+    if inspect.isclass(target):
+        missing = [m for m in ESTIMATOR_METHODS if not callable(getattr(target, m, None))]
+        if missing:
+            raise ValueError(f"estimator {spec!r} is a class without {', '.join(missing)}; an "
+                             f"estimator class needs {', '.join(ESTIMATOR_METHODS)}")
+    return target
+
+
+def _resolve(name: str) -> Callable | type:
+    """The registered estimator ``name``, or the one a ``"module:function"`` spec names."""
+    if not isinstance(name, str):
+        raise ValueError(f"an estimator is a registered name or a {SPEC_FORM} string, "
+                         f"got {name!r}")
+    if ":" in name:
+        return _load_spec(name)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown estimator {name!r}; available: {available_estimators()} "
+                         f"(or a user estimator as {SPEC_FORM})")
+    return _REGISTRY[name]
+
+
+def _parameters(target: Callable | type) -> tuple[list[str], bool]:
+    """Named parameters of a class's constructor or of a function after its first (``batch``),
+    and whether it also takes ``**kwargs``."""
+    found = list(inspect.signature(target).parameters.values())
+    names, any_keyword = [], False
+    for param in found if inspect.isclass(target) else found[1:]:
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            any_keyword = True
+        elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
+            names.append(param.name)
+    return names, any_keyword
+
+
+def estimator_parameters(name: str) -> list[str]:
+    """Names of the parameters that estimator ``name`` (registered or a spec) accepts."""
+    return _parameters(_resolve(name))[0]
 
 
 def make_estimator(name: str, **params) -> Estimator:
-    """Build a registered estimator by name; unknown names and parameters are errors."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown estimator {name!r}; available: {available_estimators()}")
-    target = _REGISTRY[name]
-    if inspect.isclass(target):
-        _check_params(name, target.__init__, params, skip=1)
-        return target(**params)
-    _check_params(name, target, params, skip=1)
-    return _StatelessEstimator(name, target, params)
+    """Build an estimator by registered name or ``"module:function"`` spec; unknown names and
+    parameters are errors."""
+    target = _resolve(name)
+    allowed, any_keyword = _parameters(target)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown and not any_keyword:
+        raise ValueError(
+            f"unknown parameter(s) {unknown} for estimator {name!r}; allowed: {allowed}"
+        )
+    if not inspect.isclass(target):
+        return _StatelessEstimator(name, target, params, check_output=name not in _REGISTRY)
+    estimator = target(**params)
+    if not hasattr(estimator, "name"):
+        estimator.name = name
+    return estimator
 
 
 def compute_advantages(name: str, rewards, group_ids, task_ids=None, **params) -> np.ndarray:
@@ -89,12 +161,20 @@ def compute_advantages(name: str, rewards, group_ids, task_ids=None, **params) -
 
 
 class _StatelessEstimator:
-    def __init__(self, name: str, fn: Callable, params: dict):
+    def __init__(self, name: str, fn: Callable, params: dict, check_output: bool = False):
         self.name, self._fn, self._params = name, fn, params
+        self._check_output = check_output
 
     def compute(self, rewards, group_ids, task_ids=None, *, step=None, task_names=None):
         batch = GroupedBatch.build(rewards, group_ids, task_ids, task_names=task_names)
-        return EstimatorOutput(self._fn(batch, **self._params))
+        advantages = self._fn(batch, **self._params)
+        if self._check_output:  # a user function: hold it to what the registered ones give
+            advantages = np.asarray(advantages, dtype=np.float64)
+            if advantages.shape != batch.values.shape:
+                raise ValueError(f"estimator {self.name!r} returned advantages of shape "
+                                 f"{advantages.shape} for {batch.values.size} rollouts")
+            check_finite(f"advantages of estimator {self.name!r}", advantages)
+        return EstimatorOutput(advantages)
 
     def state_dict(self) -> dict:
         return {}
@@ -133,12 +213,16 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must be > 0, got {eps!r}")
 
 
+def _check_ddof(std_ddof: int) -> None:
+    if std_ddof not in (0, 1):
+        raise ValueError(f"std_ddof must be 0 or 1, got {std_ddof!r}")
+
+
 @register_estimator("grpo")
 def grpo(batch: GroupedBatch, eps: float = DEFAULT_EPS, std_ddof: int = 0) -> np.ndarray:
     """``(r - mean_q) / max(std_q, eps)``; population std (ddof 0) by default."""
     _check_eps(eps)
-    if std_ddof not in (0, 1):
-        raise ValueError(f"std_ddof must be 0 or 1, got {std_ddof!r}")
+    _check_ddof(std_ddof)
     g = batch.groups
     centered = batch.values - g.broadcast(g.mean(batch.values))
     std = group_std(batch, centered, std_ddof)
@@ -211,7 +295,7 @@ class EmaGrpo(_StepKeyed):
 
     name = "ema_grpo"
 
-    def __init__(self, decay: float = 0.99, eps: float = DEFAULT_EPS):
+    def __init__(self, decay: float = DEFAULT_EMA_DECAY, eps: float = DEFAULT_EPS):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
@@ -248,22 +332,47 @@ class EmaGrpo(_StepKeyed):
 
 @register_estimator("harpo")
 class Harpo:
-    """GRPO advantages rescaled by HARPO's task and sample factors (see ``modulator.py``)."""
+    """GRPO advantages rescaled by HARPO's task and sample factors (see ``modulator.py``).
+
+    The factors come from ``modulator``: any object with ``update_groups(step, GroupStats) ->
+    GroupModulation``, ``state_dict()`` and ``load_state_dict(state)`` (an in-process
+    :class:`HarpoModulator`, or a proxy to a remote one). Without it, an in-process
+    ``HarpoModulator(HarpoConfig(**config))`` is built from the remaining keyword arguments.
+    """
 
     name = "harpo"
 
-    def __init__(self, eps: float = DEFAULT_EPS, std_ddof: int = 0, **modulator):
+    def __init__(self, eps: float = DEFAULT_EPS, std_ddof: int = 0,
+                 modulator: Modulator | None = None, **config):
         _check_eps(eps)
+        _check_ddof(std_ddof)
         self.eps, self.std_ddof = eps, std_ddof
-        self.modulator = HarpoModulator(HarpoConfig(**modulator))
+        if modulator is None:
+            modulator = HarpoModulator(HarpoConfig(**config))
+        elif config:
+            raise ValueError(
+                f"harpo: got both a modulator and HarpoConfig fields {sorted(config)}; an "
+                f"injected modulator carries its own config, so give one or the other"
+            )
+        else:
+            missing = [m for m in MODULATOR_METHODS if not callable(getattr(modulator, m, None))]
+            if missing:
+                raise TypeError(f"harpo: the modulator ({type(modulator).__name__}) has no "
+                                f"{', '.join(missing)}; it needs {', '.join(MODULATOR_METHODS)}")
+        self.modulator: Modulator = modulator
 
     def compute(self, rewards, group_ids, task_ids=None, *, step=None, task_names=None):
         if step is None:
             raise ValueError("the harpo estimator is stateful: pass step=<training step>")
         batch = GroupedBatch.build(rewards, group_ids, task_ids, task_names=task_names)
         base = grpo(batch, eps=self.eps, std_ddof=self.std_ddof)
-        result: ModulationResult = self.modulator.update_batch(step, batch, base)
+        result: ModulationResult = modulate(self.modulator, step, batch, base)
         return EstimatorOutput(result.advantages, {"modulation": result})
+
+    def task_factors(self) -> dict[str, float]:
+        """The modulator's current task factors ({} when it does not report them)."""
+        report = getattr(self.modulator, "task_factors", None)
+        return report() if callable(report) else {}
 
     def state_dict(self) -> dict:
         return self.modulator.state_dict()
@@ -273,8 +382,8 @@ class Harpo:
 
 
 # ``make_estimator("harpo", beta_rho=...)`` checks names against __init__, which takes
-# **modulator: list the modulator's fields explicitly so typos are still caught.
-_HARPO_FIELDS = ["eps", "std_ddof"] + [f.name for f in fields(HarpoConfig)]
+# **config: list the modulator's fields explicitly so typos are still caught.
+_HARPO_FIELDS = ["eps", "std_ddof", "modulator"] + [f.name for f in fields(HarpoConfig)]
 
 
 def _harpo_signature():

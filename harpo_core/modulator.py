@@ -30,7 +30,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -179,21 +179,27 @@ class GroupModulation:
 
 @dataclass(frozen=True)
 class ModulationResult:
-    """Per-rollout view of a :class:`GroupModulation`."""
+    """Per-rollout view of a :class:`GroupModulation` for the batch it was computed on."""
 
     advantages: np.ndarray  # [N] A^H
     groups: GroupModulation = field(repr=False)
-    _segments: Segments = field(repr=False)
+    _batch: GroupedBatch = field(repr=False)
 
     @property
     def sample_factors(self) -> np.ndarray:
         """[N] s_(m,q) of each rollout's group."""
-        return self._segments.broadcast(self.groups.sample_factors)
+        return self._batch.groups.broadcast(self.groups.sample_factors)
 
     @property
     def task_factor_per_rollout(self) -> np.ndarray:
         """[N] s_m of each rollout's task."""
-        return self._segments.broadcast(self.groups.group_task_factors)
+        return self._batch.groups.broadcast(self.groups.group_task_factors)
+
+    @property
+    def group_tasks(self) -> tuple[str, ...]:
+        """[G] task name of each group, in the order of ``groups.sample_factors``."""
+        names = np.asarray(self._batch.task_names, dtype=object)
+        return tuple(names[self._batch.group_task].tolist())
 
     @property
     def task_factors(self) -> dict[str, float]:
@@ -202,6 +208,40 @@ class ModulationResult:
     @property
     def task_signals(self) -> dict[str, float]:
         return self.groups.task_signals
+
+
+class Modulator(Protocol):
+    """What an advantage path needs from a modulator: :class:`HarpoModulator` in-process, or a
+    proxy to a remote one (``services.modulator_actor.RemoteModulator``). ``task_factors()``
+    is optional."""
+
+    def update_groups(self, step: int, stats: GroupStats) -> GroupModulation: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+MODULATOR_METHODS = ("update_groups", "state_dict", "load_state_dict")
+
+
+def modulate(modulator: Modulator, step: int, batch: GroupedBatch, advantages: np.ndarray
+             ) -> ModulationResult:
+    """Reduce ``advantages`` (aligned with ``batch``) to group statistics, apply one step of
+    ``modulator`` to them and scale each rollout by its group's ``s_(m,q) * s_m``.
+
+    The one place the factors meet the advantages, whichever modulator answers.
+    """
+    check_finite("advantages", advantages)
+    mod = modulator.update_groups(step, GroupStats.from_batch(batch, advantages))
+    n_groups = batch.groups.n_segments
+    if mod.sample_factors.shape != (n_groups,) or mod.group_task_factors.shape != (n_groups,):
+        raise ValueError(
+            f"the modulator answered step {step} with {mod.sample_factors.shape} sample factors "
+            f"and {mod.group_task_factors.shape} task factors for a batch of {n_groups} groups"
+        )
+    factor = batch.groups.broadcast(mod.sample_factors * mod.group_task_factors)
+    return ModulationResult(advantages=advantages * factor, groups=mod, _batch=batch)
 
 
 @dataclass
@@ -236,11 +276,7 @@ class HarpoModulator:
     def update_batch(self, step: int, batch: GroupedBatch, advantages: np.ndarray
                      ) -> ModulationResult:
         """As :meth:`update`, for a batch already indexed (the advantages aligned with it)."""
-        check_finite("advantages", advantages)
-        mod = self.update_groups(step, GroupStats.from_batch(batch, advantages))
-        factor = batch.groups.broadcast(mod.sample_factors * mod.group_task_factors)
-        return ModulationResult(advantages=advantages * factor, groups=mod,
-                                _segments=batch.groups)
+        return modulate(self, step, batch, advantages)
 
     # ------------------------------------------------------------------ per-group surface
 

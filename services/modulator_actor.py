@@ -9,6 +9,10 @@ update, before answering. Ray restarts a dead modulator with the same constructo
 the restarted actor sees that it was reconstructed and loads the file, which holds every update
 it ever answered. The caller's retried update is then either applied for the first time or
 answered from the replay cache: never applied twice.
+
+:class:`RemoteModulator` puts the actor behind the in-process modulator's surface, so the
+``harpo`` estimator takes it as its modulator: ``make_estimator("harpo", modulator=
+RemoteModulator(handle))``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
 
-from harpo_core import GroupStats, HarpoConfig, HarpoModulator
+from harpo_core import GroupModulation, GroupStats, HarpoConfig, HarpoModulator
 
 
 def modulator_name(run_name: str) -> str:
@@ -68,6 +73,7 @@ class ModulatorService:
 
     def load_state_dict(self, state: dict) -> None:
         self.modulator.load_state_dict(state)
+        self._persist()  # a restart after this must reload the loaded state, not the old one
 
     def task_factors(self) -> dict[str, float]:
         return self.modulator.task_factors()
@@ -75,3 +81,36 @@ class ModulatorService:
     def stats(self) -> dict:
         return {"largest_message_rows": self.largest_message,
                 "last_step": self.modulator.last_step}
+
+
+class RemoteModulator:
+    """A :class:`ModulatorService` actor behind the in-process modulator's surface.
+
+    ``on_restart("modulator")`` is called once for every restart of the actor that an update
+    reports (Ray restarted it and it reloaded its live state file), so the caller can count it.
+    """
+
+    def __init__(self, handle, on_restart: Callable[[str], None] | None = None):
+        self.handle = handle
+        self.on_restart = on_restart
+        self.restarts_seen = 0
+
+    def update_groups(self, step: int, stats: GroupStats) -> GroupModulation:
+        answer, restarts = ray.get(self.handle.update.remote(step, stats))
+        while self.restarts_seen < restarts:
+            self.restarts_seen += 1
+            if self.on_restart is not None:
+                self.on_restart("modulator")
+        return GroupModulation.from_dict(answer)
+
+    def state_dict(self) -> dict:
+        return ray.get(self.handle.state_dict.remote())
+
+    def load_state_dict(self, state: dict) -> None:
+        ray.get(self.handle.load_state_dict.remote(state))
+
+    def task_factors(self) -> dict[str, float]:
+        return ray.get(self.handle.task_factors.remote())
+
+    def stats(self) -> dict:
+        return ray.get(self.handle.stats.remote())

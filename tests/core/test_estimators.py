@@ -1,13 +1,19 @@
 """Every estimator against small hand-computed cases, plus the registry's error messages."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 
-from harpo_core import available_estimators, compute_advantages, make_estimator
+from harpo_core import (
+    available_estimators,
+    compute_advantages,
+    estimator_parameters,
+    make_estimator,
+)
 from harpo_core.estimators import register_estimator
-from harpo_core.naive import naive_grpo
+from tests.core.naive import naive_grpo
 
 # Two tasks: task "a" has a mixed group [1, 0, 1] and a constant group of 0.1s (whose float
 # mean differs from 0.1 in the last bit); task "b" has a pair and a group of one.
@@ -180,3 +186,95 @@ def test_task_codes_with_names():
     assert np.isfinite(out.advantages).all() and adv.shape == out.advantages.shape
     with pytest.raises(ValueError, match=r"integer codes in \[0, 2\)"):
         est.compute(R, G, np.array([0] * 6 + [5] * 3), step=1, task_names=["cls", "qa"])
+
+
+# ---------------------------------------------------------------------- user estimators by spec
+
+USER = "tests.core.user_estimator"
+
+
+def test_a_user_function_given_as_module_function_is_an_estimator():
+    est = make_estimator(f"{USER}:scaled_centered", scale=2.0)
+    assert est.name == f"{USER}:scaled_centered"
+    adv = est.compute(R, G, T, step=0).advantages
+    np.testing.assert_allclose(adv, [2 / 3, -4 / 3, 2 / 3, 0, 0, 0, 0.3, -0.3, 0], atol=1e-15)
+    assert est.state_dict() == {}
+    # the same checks as a registered estimator: parameter names, then bad batches
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['scal'\] for estimator "
+                                         rf"'{USER}:scaled_centered'; allowed: \['scale'\]"):
+        make_estimator(f"{USER}:scaled_centered", scal=2.0)
+    with pytest.raises(ValueError, match="group_ids has 3 entries but the batch has 2"):
+        est.compute([0, 1], [0, 0, 1])
+    # spaces around the parts are tolerated, as for reward functions
+    spaced = compute_advantages(f" {USER} : scaled_centered ", R, G, T, scale=2.0)
+    np.testing.assert_array_equal(spaced, adv)
+
+
+def test_a_user_function_taking_any_keyword():
+    adv = compute_advantages(f"{USER}:any_keywords", [1.0, 0.0], [0, 0], shift=0.5, other=1)
+    np.testing.assert_array_equal(adv, [1.5, 0.5])
+    assert estimator_parameters(f"{USER}:any_keywords") == []
+
+
+def test_a_user_class_given_as_module_class_is_a_stateful_estimator():
+    est = make_estimator(f"{USER}:RunningBaseline", decay=0.5)
+    np.testing.assert_array_equal(est.compute([1, 0, 1, 1], [0, 0, 1, 1]).advantages,
+                                  [0.25, -0.75, 0.25, 0.25])  # baseline 0.75
+    resumed = make_estimator(f"{USER}:RunningBaseline", decay=0.5)
+    resumed.load_state_dict(est.state_dict())
+    batch = ([0, 0, 1, 0], [0, 0, 1, 1])
+    # baseline 0.5 * 0.75 + 0.5 * 0.25 = 0.5
+    np.testing.assert_array_equal(est.compute(*batch).advantages, [-0.5, -0.5, 0.5, -0.5])
+    np.testing.assert_array_equal(resumed.compute(*batch).advantages, [-0.5, -0.5, 0.5, -0.5])
+    assert est.name == f"{USER}:RunningBaseline"  # set on an instance that has no name
+
+
+def test_estimator_parameters_lists_what_make_estimator_accepts():
+    assert estimator_parameters("grpo") == ["eps", "std_ddof"]
+    assert estimator_parameters("ema_grpo") == ["decay", "eps"]
+    assert estimator_parameters("rloo") == []
+    assert estimator_parameters("harpo") == [
+        "eps", "std_ddof", "modulator", "beta_rho", "beta_s", "task_clamp", "sample_clamp",
+        "zero_signal", "signal_floor", "history"]
+    assert estimator_parameters(f"{USER}:scaled_centered") == ["scale"]
+    assert estimator_parameters(f"{USER}:RunningBaseline") == ["decay"]
+    with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
+        estimator_parameters("ppo")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tests.core.no_such_module:f",
+     "cannot import module 'tests.core.no_such_module' for estimator "
+     "'tests.core.no_such_module:f': ModuleNotFoundError: No module named "
+     "'tests.core.no_such_module'"),
+    (f"{USER}:missing",
+     f"estimator '{USER}:missing': no attribute 'missing' (looked up in module '{USER}')"),
+    (f"{USER}:NOT_CALLABLE", f"estimator '{USER}:NOT_CALLABLE' is not callable: it is a int"),
+    (f"{USER}:NoCompute",
+     f"estimator '{USER}:NoCompute' is a class without compute, load_state_dict; an estimator "
+     "class needs compute, state_dict, load_state_dict"),
+    (":scaled_centered",
+     "estimator spec ':scaled_centered' has an empty module part; expected "
+     "'package.module:function'"),
+    (f"{USER}:",
+     f"estimator spec '{USER}:' has an empty function part; expected "
+     "'package.module:function'"),
+    ("ppo", "unknown estimator 'ppo'; available: ['dr_grpo', 'ema_grpo', 'gpg', 'grpo', "
+            "'harpo', 'reinforce_pp_baseline', 'rloo'] (or a user estimator as "
+            "'package.module:function')"),
+])
+def test_bad_estimator_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError) as info:
+        make_estimator(spec)
+    assert str(info.value) == message
+    with pytest.raises(ValueError, match=re.escape(message)):
+        estimator_parameters(spec)
+
+
+def test_a_user_function_must_return_one_finite_advantage_per_rollout():
+    with pytest.raises(ValueError, match=rf"estimator '{USER}:one_too_many' returned advantages "
+                                         r"of shape \(3,\) for 2 rollouts"):
+        compute_advantages(f"{USER}:one_too_many", [1, 0], [0, 0])
+    with pytest.raises(ValueError, match=rf"advantages of estimator '{USER}:not_finite' must be "
+                                         r"finite; got NaN/inf at rollout 0"):
+        compute_advantages(f"{USER}:not_finite", [1, 0], [0, 0])

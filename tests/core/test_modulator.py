@@ -16,7 +16,7 @@ from harpo_core import (
     compute_advantages,
     make_estimator,
 )
-from harpo_core.naive import NaiveHarpo
+from tests.core.naive import NaiveHarpo
 
 UNCLAMPED = dict(task_clamp=None, sample_clamp=None)
 
@@ -299,3 +299,96 @@ def test_bad_inputs_are_rejected():
         mod.load_state_dict({"tasks": {}})
     with pytest.raises(ValueError, match="malformed HARPO modulator state"):
         mod.load_state_dict({"version": 1, "tasks": {"a": {}}, "history": [], "last_step": 0})
+
+
+# ---------------------------------------------------------------------- an injected modulator
+
+
+class _CountingModulator:
+    """A modulator the estimator cannot have built itself: HARPO behind a call counter."""
+
+    def __init__(self, config):
+        self.inner, self.calls = HarpoModulator(config), []
+
+    def update_groups(self, step, stats):
+        self.calls.append((step, stats.size.size))
+        return self.inner.update_groups(step, stats)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_harpo_with_an_injected_modulator_equals_its_default():
+    kw = dict(beta_rho=0.8, beta_s=0.7, sample_clamp=None)
+    plain = make_estimator("harpo", **kw)
+    injected = make_estimator("harpo", modulator=HarpoModulator(HarpoConfig(**kw)))
+    counting = make_estimator("harpo", modulator=_CountingModulator(HarpoConfig(**kw)))
+    steps = _random_steps(6, seed=5)
+    for k, (r, g, t) in enumerate(steps):
+        a, b, c = (e.compute(r, g, t, step=k).extras["modulation"]
+                   for e in (plain, injected, counting))
+        for other in (b, c):
+            np.testing.assert_array_equal(other.advantages, a.advantages)
+            np.testing.assert_array_equal(other.sample_factors, a.sample_factors)
+            assert other.groups.to_dict() == a.groups.to_dict()
+            assert other.group_tasks == a.group_tasks
+    # the factors really did something, and every step went through the injected modulator
+    assert len({round(f, 12) for f in a.sample_factors}) > 1
+    assert counting.modulator.calls == [(k, len(np.unique(g))) for k, (_, g, _) in
+                                        enumerate(steps)]
+    assert injected.state_dict() == plain.state_dict() == counting.state_dict()
+    assert injected.task_factors() == plain.task_factors() == plain.modulator.task_factors()
+    assert counting.task_factors() == {}  # this modulator does not report them
+
+
+def test_harpo_state_round_trips_through_an_injected_modulator():
+    steps = _random_steps(8, seed=6)
+    whole = make_estimator("harpo")
+    outs = [whole.compute(*s, step=k).advantages for k, s in enumerate(steps)]
+    first = make_estimator("harpo", modulator=HarpoModulator())
+    for k in range(4):
+        first.compute(*steps[k], step=k)
+    resumed = make_estimator("harpo", modulator=_CountingModulator(HarpoConfig()))
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for k in range(4, 8):
+        np.testing.assert_array_equal(resumed.compute(*steps[k], step=k).advantages, outs[k])
+    assert resumed.state_dict() == whole.state_dict()
+
+
+def test_group_tasks_name_each_group_in_the_modulations_order():
+    out = HarpoModulator().update(0, TASKS, GROUPS, ADV)
+    assert out.group_tasks == ("a", "a", "b")
+    codes = make_estimator("harpo").compute(
+        [1, 0, 1, 0, 0.5, 0.5], [9, 9, 3, 3, 5, 5], [1, 1, 0, 0, 1, 1], step=0,
+        task_names=["cls", "qa"]).extras["modulation"]
+    assert len(codes.group_tasks) == codes.groups.sample_factors.size == 3
+    assert sorted(codes.group_tasks) == ["cls", "qa", "qa"]
+    # group g of the modulation is the group of the rollouts that carry its factor
+    per_rollout = np.asarray(codes.group_tasks)[codes._batch.groups.index]
+    assert per_rollout.tolist() == ["qa", "qa", "cls", "cls", "qa", "qa"]
+
+
+def test_harpo_modulator_argument_errors():
+    with pytest.raises(ValueError, match=r"harpo: got both a modulator and HarpoConfig fields "
+                                         r"\['beta_rho'\]; an injected modulator carries its own"):
+        make_estimator("harpo", modulator=HarpoModulator(), beta_rho=0.5)
+    with pytest.raises(TypeError, match=r"harpo: the modulator \(dict\) has no update_groups, "
+                                        r"state_dict, load_state_dict"):
+        make_estimator("harpo", modulator={})
+    with pytest.raises(ValueError, match=r"\['modulater'\] for estimator 'harpo'"):
+        make_estimator("harpo", modulater=HarpoModulator())
+
+
+def test_a_modulator_answer_for_another_batch_is_refused():
+    class Stale(_CountingModulator):
+        def update_groups(self, step, stats):  # answers with another batch's factors
+            other = GroupStats.from_task_labels(["a"], size=[2], signal=[1.0])
+            return self.inner.update_groups(step, other)
+
+    with pytest.raises(ValueError, match=r"answered step 0 with \(1,\) sample factors and "
+                                         r"\(1,\) task factors for a batch of 3 groups"):
+        make_estimator("harpo", modulator=Stale(HarpoConfig())).compute(
+            ADV, GROUPS, TASKS, step=0)

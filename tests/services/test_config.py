@@ -98,3 +98,103 @@ def test_shipped_examples_are_valid():
     for path in examples:
         config = load_config(path)
         assert config.model.path.is_absolute() and config.run.output_dir.is_absolute()
+
+
+# ---------------------------------------------------------------------- the algorithm section
+
+USER = "tests.core.user_estimator"
+
+
+def test_harpo_section_is_harpo_config_with_its_defaults():
+    import dataclasses
+
+    from harpo_core import HarpoConfig
+    from services.config import HarpoSection
+
+    core = {f.name: f.default for f in dataclasses.fields(HarpoConfig)}
+    section = HarpoSection().model_dump()
+    assert set(section) == set(core) - {"history"}
+    assert section == {k: core[k] for k in section}
+    assert HarpoSection().to_config() == HarpoConfig()
+    assert HarpoSection(beta_s=0.5).to_config() == HarpoConfig(beta_s=0.5)
+
+
+@pytest.mark.parametrize("estimator, expected", [
+    ("harpo", {"eps": 1e-5, "std_ddof": 1, "beta_rho": 0.95, "beta_s": 0.5,
+               "task_clamp": (0.5, 4.0), "sample_clamp": (0.5, 3.0), "zero_signal": "exclude",
+               "signal_floor": 1e-6}),
+    ("grpo", {"eps": 1e-5, "std_ddof": 1}),
+    ("reinforce_pp_baseline", {"eps": 1e-5}),
+    ("ema_grpo", {"eps": 1e-5, "decay": 0.9}),
+    ("rloo", {}), ("dr_grpo", {}), ("gpg", {}),
+    (f"{USER}:scaled_centered", {}),
+])
+def test_estimator_params_are_the_fields_each_estimator_takes(estimator, expected):
+    config = parse_config(_with("algorithm", estimator=estimator, eps=1e-5, std_ddof=1,
+                                ema_decay=0.9, harpo={"beta_s": 0.5}))
+    assert config.algorithm.estimator_params() == expected
+
+
+def test_algorithm_params_reach_a_user_estimator_and_override_the_fields():
+    config = parse_config(_with("algorithm", estimator=f"{USER}:scaled_centered",
+                                params={"scale": 2.0}))
+    assert config.algorithm.estimator_params() == {"scale": 2.0}
+    config = parse_config(_with("algorithm", estimator="grpo", eps=1e-5, params={"eps": 1e-3}))
+    assert config.algorithm.estimator_params() == {"eps": 1e-3, "std_ddof": 0}
+    # the resolved config, params included, round-trips through its own YAML
+    assert parse_config(yaml.safe_load(config.to_yaml())) == config
+
+
+def test_a_remote_modulator_replaces_the_harpo_fields():
+    sentinel = object()
+    config = parse_config(_with("algorithm", harpo={"beta_rho": 0.5}, params={"history": 3}))
+    alg = config.algorithm
+    assert alg.estimator_params(modulator=sentinel) == {
+        "eps": 1e-6, "std_ddof": 0, "modulator": sentinel}
+    assert alg.modulator_config().beta_rho == 0.5 and alg.modulator_config().history == 3
+    assert alg.estimator_params()["history"] == 3
+    with pytest.raises(ValueError, match="estimator 'grpo' takes no modulator"):
+        parse_config(_with("algorithm", estimator="grpo")).algorithm.estimator_params(
+            modulator=sentinel)
+
+
+@pytest.mark.parametrize("algorithm, message", [
+    ({"params": {"beta": 0.9}},
+     "algorithm.params: unknown parameter(s) ['beta'] for estimator 'harpo'; allowed: ['eps', "
+     "'std_ddof', 'modulator', 'beta_rho', 'beta_s', 'task_clamp', 'sample_clamp', "
+     "'zero_signal', 'signal_floor', 'history'] (got {'beta': 0.9})"),
+    ({"estimator": "grpo", "params": {"beta_rho": 0.5}},
+     "algorithm.params: unknown parameter(s) ['beta_rho'] for estimator 'grpo'; allowed: "
+     "['eps', 'std_ddof'] (got {'beta_rho': 0.5})"),
+    ({"estimator": f"{USER}:scaled_centered", "params": {"scal": 2}},
+     f"algorithm.params: unknown parameter(s) ['scal'] for estimator '{USER}:scaled_centered'; "
+     "allowed: ['scale'] (got {'scal': 2})"),
+    ({"params": {"history": 0}},
+     "algorithm.params: history must be an integer >= 1, got 0 (got {'history': 0})"),
+    ({"params": {"modulator": "remote"}},
+     "algorithm.params: 'modulator' is not a config value: the driver gives the estimator the "
+     "run's HARPO modulator, configured under algorithm.harpo (got {'modulator': 'remote'})"),
+    ({"estimator": "no_such_pkg.mod:advantages"},
+     "algorithm.estimator: cannot import module 'no_such_pkg.mod' for estimator "
+     "'no_such_pkg.mod:advantages': ModuleNotFoundError: No module named 'no_such_pkg' "
+     "(got 'no_such_pkg.mod:advantages')"),
+    ({"estimator": f"{USER}:no_such_function"},
+     f"algorithm.estimator: estimator '{USER}:no_such_function': no attribute "
+     f"'no_such_function' (looked up in module '{USER}') (got '{USER}:no_such_function')"),
+    ({"estimator": f"{USER}:NOT_CALLABLE"},
+     f"algorithm.estimator: estimator '{USER}:NOT_CALLABLE' is not callable: it is a int "
+     f"(got '{USER}:NOT_CALLABLE')"),
+])
+def test_bad_estimators_and_params_are_named_exactly(algorithm, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_with("algorithm", **algorithm))
+    assert str(info.value) == f"config is not valid:\n  - {message}"
+
+
+def test_a_user_estimator_that_fails_to_build_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"algorithm.params: estimator "
+                                          rf"'{USER}:RunningBaseline' cannot be built with "
+                                          r"\{'decay': 1\}: TypeError: decay must be a "
+                                          r"float, got int \(got \{'decay': 1\}\)"):
+        parse_config(_with("algorithm", estimator=f"{USER}:RunningBaseline",
+                           params={"decay": 1}))
