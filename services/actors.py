@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from harpo_core import HarpoConfig, make_estimator
+from harpo_core import make_estimator
 from harpo_core.estimators import Estimator, estimator_parameters
 from services.config import TrainConfig
 from services.learner import LearnerGroup
@@ -31,7 +31,6 @@ from services.weight_sync import make_weight_sync
 log = logging.getLogger(__name__)
 
 MODULATOR_STATE = "modulator-live.json"  # the modulator's state after its last update
-HARPO_FIELDS = frozenset(HarpoConfig.__dataclass_fields__)
 
 
 def sampling_params(config: TrainConfig) -> SamplingParams:
@@ -95,10 +94,8 @@ class ActorSet:
     def _make_estimator(self, run_root: Path, on_restart) -> Estimator:
         """The configured estimator; one that takes a modulator gets the run's central one."""
         alg, run = self.config.algorithm, self.config.run
-        params = alg.estimator_params()
         if "modulator" not in estimator_parameters(alg.estimator):
-            return make_estimator(alg.estimator, **params)
-        modulator_config = HarpoConfig(**{k: v for k, v in params.items() if k in HARPO_FIELDS})
+            return make_estimator(alg.estimator, **alg.estimator_params())
         # One name per run directory: stable across restarts, distinct between runs. On the
         # driver's node, so that its state file is the run directory's; Ray restarts it after
         # a crash and it reloads that file (see modulator_actor).
@@ -107,11 +104,10 @@ class ActorSet:
         self.modulator = ModulatorService.options(
             name=modulator_name(run_key), max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=here,
-        ).remote(modulator_config, None, str(run_root / MODULATOR_STATE))
+        ).remote(alg.modulator_config(), None, str(run_root / MODULATOR_STATE))
         ray.get(self.modulator.ready.remote())
-        rest = {k: v for k, v in params.items() if k not in HARPO_FIELDS}
-        return make_estimator(alg.estimator, modulator=RemoteModulator(self.modulator, on_restart),
-                              **rest)
+        central = RemoteModulator(self.modulator, on_restart)
+        return make_estimator(alg.estimator, **alg.estimator_params(modulator=central))
 
     # ------------------------------------------------------------------ weights
 

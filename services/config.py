@@ -1,8 +1,9 @@
 """The run configuration: one YAML file validated into typed models.
 
-Every knob of the algorithm (DESIGN §2) and of the pipeline lives here with its default. Unknown
-keys are errors (a typo never silently falls back to a default), and every error names the
-field, the value given and what is allowed.
+Every knob of the algorithm and of the pipeline lives here; where a core dataclass owns a knob
+(``HarpoConfig``, ``LossConfig``, ``SamplingParams``) the section takes its default from there.
+Unknown keys are errors (a typo never silently falls back to a default), and every error names
+the field, the value given and what is allowed.
 """
 
 from __future__ import annotations

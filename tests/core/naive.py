@@ -1,8 +1,9 @@
 """A plain-Python, loop-per-rollout implementation of GRPO + HARPO.
 
-Written to be obviously right rather than fast: dictionaries and for-loops that follow
-DESIGN §2 line by line. It is the oracle the vectorised code is tested against and the baseline
-``benchmarks/modulation.py`` measures it against. Do not use it for training.
+Written to be obviously right rather than fast: dictionaries and for-loops that follow the
+maths of ``harpo_core/modulator.py``'s docstring line by line. It is the oracle the
+vectorised code is tested against and the baseline ``benchmarks/modulation.py`` measures it
+against. Do not use it for training.
 """
 
 from __future__ import annotations
