@@ -132,7 +132,7 @@ class Standalone:
     """The same backend and learner called in this process, no Ray: one step is ``generate``
     on a step's prompts, then ``update`` on a batch of that shape, then the weight load."""
 
-    def __init__(self, assets, threads: int):
+    def __init__(self, assets, config, threads: int):
         import torch
 
         from services.learner_core import LearnerCore
@@ -141,8 +141,7 @@ class Standalone:
 
         torch.set_num_threads(threads)
         self.backend = HFBackend(str(assets.model_dir))
-        self.learner = LearnerCore(str(assets.model_dir), mini_batch_size=PROMPTS * SAMPLES,
-                                   lr=1e-5)
+        self.learner = LearnerCore(str(assets.model_dir), config)  # the pipeline's learner
         self.params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS)
 
     def step(self, step: int, prompts: list[str]) -> dict:
@@ -163,7 +162,7 @@ class Standalone:
         t0 = time.perf_counter()
         self.learner.update(tensors, global_batch_size=PROMPTS * SAMPLES)
         learn_s = time.perf_counter() - t0
-        self.backend.load_weights(self.learner.state_dict_cpu())
+        self.backend.load_weights(self.learner.full_state_dict())
         return {"generate_s": gen_s, "learn_s": learn_s}
 
 
@@ -178,6 +177,7 @@ def run_rollout_backend(assets, backend: str, steps: int, warmup: int, threads: 
     from services.config import VLLMSection
     from services.rollout.backend import SamplingParams
     from services.rollout.worker import RolloutRequest, RolloutWorker
+    from services.weight_sync.object_store import ObjectStoreSync
 
     connect(num_cpus=8)
     tokenizer = AutoTokenizer.from_pretrained(str(assets.model_dir))
@@ -212,7 +212,8 @@ def run_rollout_backend(assets, backend: str, steps: int, warmup: int, threads: 
             weights = ray.put({k: v + 1e-3 * torch.randn(v.shape, generator=noise)
                                for k, v in base.items()})
             t0 = time.perf_counter()
-            load_s.append(ray.get(worker.set_weights.remote(step + 1, weights)))
+            handle = ObjectStoreSync.handle(weights)
+            load_s.append(ray.get(worker.set_weights.remote(step + 1, handle)))
             sync_s.append(time.perf_counter() - t0)
     finally:
         try:
@@ -293,7 +294,8 @@ def main() -> None:
     print_rollout_backends(rollout, args.steps, args.warmup)
     if args.rollout_only:
         return
-    standalone = Standalone(assets, args.threads)
+    standalone = Standalone(assets, pipeline_config(assets, root / "standalone", args.steps,
+                                                    args.threads), args.threads)
     pipelines = {}
     for b in backends:
         for mode, staleness in modes.items():

@@ -16,6 +16,9 @@ import torch
 GENERATION_FIELDS = [
     pa.field("prompt_index", pa.int64()),  # row of the prompt in the data set (the sample id)
     pa.field("group_id", pa.int64()),  # the prompt's group within the step
+    # the rollout within the step: group_id × n + sample index (0..N-1 in request order);
+    # learner rank r trains on the rows with rollout_id % world_size == r
+    pa.field("rollout_id", pa.int64()),
     pa.field("task_code", pa.int32()),
     pa.field("task", pa.string()),
     pa.field("task_type", pa.string()),

@@ -25,9 +25,12 @@ from pydantic import (
 
 from harpo_core import HarpoConfig, estimator_parameters, make_estimator
 from harpo_core.estimators import DEFAULT_EMA_DECAY, DEFAULT_EPS
+from harpo_core.loss_config import AGGREGATIONS, KL_ESTIMATORS, LossConfig
 from harpo_core.modulator import ZeroSignal
 from harpo_core.rewards import RewardConfig
+from services.learner_strategies import available_strategies
 from services.rollout.registry import available_backends
+from services.weight_sync import available_weight_syncs
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -136,6 +139,16 @@ class RolloutSection(_Section):
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per worker
     torch_threads: PositiveInt = 1
     vllm: VLLMSection = Field(default_factory=VLLMSection)
+    # How new weights reach the workers (a module of services/weight_sync).
+    weight_sync: str = "object_store"
+
+    @field_validator("weight_sync")
+    @classmethod
+    def _known_weight_sync(cls, value: str) -> str:
+        if value not in available_weight_syncs():
+            raise ValueError(f"unknown weight sync {value!r}; available: "
+                             f"{available_weight_syncs()}")
+        return value
 
     @field_validator("backend")
     @classmethod
@@ -254,20 +267,30 @@ def _estimator_params(estimator: str, fields: dict[str, Any], params: dict[str, 
     return {k: v for k, v in candidates.items() if k in accepted} | params
 
 
+_LOSS = LossConfig()  # the loss knobs' defaults (and their checks) live in harpo_core
+
+
 class LearnerSection(_Section):
     workers: PositiveInt = 1
+    # How the ranks share the model (a module of services/learner_strategies).
+    strategy: str = "ddp"
     lr: Annotated[float, Field(gt=0.0)] = 1e-6
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)  # AdamW's
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     mini_batch_prompts: PositiveInt = 8  # prompts per optimizer step (× group_size sequences)
+    # Sequences per forward/backward pass on one rank (gradient accumulation; bounds memory
+    # only, the update is the same); null: the rank's whole share of a mini-batch at once.
+    micro_batch_size: PositiveInt | None = None
     ppo_epochs: PositiveInt = 1
-    clip_low: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
-    clip_high: Annotated[float, Field(ge=0.0)] = 0.28
-    aggregation: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
-    kl_coef: Annotated[float, Field(ge=0.0)] = 0.0
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    # The policy loss (harpo_core.loss_config.LossConfig); kl_coef > 0 loads a reference model.
+    clip_low: Annotated[float, Field(ge=0.0, lt=1.0)] = _LOSS.clip_low
+    clip_high: Annotated[float, Field(ge=0.0)] = _LOSS.clip_high
+    aggregation: Literal[AGGREGATIONS] = _LOSS.aggregation
+    kl_coef: Annotated[float, Field(ge=0.0)] = _LOSS.kl_coef
+    kl_estimator: Literal[KL_ESTIMATORS] = _LOSS.kl_estimator
     logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] = 1e-3
     # One packed forward pass per GRPO group (its prompt computed once); needs an attention
     # backend that takes a 4D mask (eager, SDPA). false: every response runs on its own.
@@ -276,6 +299,24 @@ class LearnerSection(_Section):
     gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per learner
     torch_threads: PositiveInt = 1
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in available_strategies():
+            raise ValueError(f"unknown learner strategy {value!r}; available: "
+                             f"{available_strategies()}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_loss(self):
+        self.loss_config()  # the core's own checks, beyond the field ranges above
+        return self
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(clip_low=self.clip_low, clip_high=self.clip_high,
+                          aggregation=self.aggregation, kl_coef=self.kl_coef,
+                          kl_estimator=self.kl_estimator)
 
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -329,6 +370,12 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"learner.workers ({self.learner.workers}) must divide the sequences of a "
                 f"mini-batch (mini_batch_prompts × group_size = {sequences})"
+            )
+        if self.learner.lr_schedule != "constant" and self.learner.warmup_steps >= self.run.steps:
+            raise ValueError(
+                f"learner.lr_schedule {self.learner.lr_schedule!r} decays after the warm-up: "
+                f"learner.warmup_steps ({self.learner.warmup_steps}) must be less than "
+                f"run.steps ({self.run.steps})"
             )
         return self
 

@@ -1,8 +1,20 @@
 """Learner actors and the group that runs them as one torch.distributed job.
 
-``LearnerGroup`` gang-schedules L ``Learner`` actors in a placement group, wires them into a
-process group (gloo on CPU, NCCL on GPU) and hands every rank its strided share of each batch.
-Rank 0 publishes the new weights as a versioned object in the object store.
+``LearnerGroup(config, model_dir)`` gang-schedules ``learner.workers`` ``Learner`` actors in a
+placement group and wires them into a process group (gloo on CPU, NCCL on GPU); every actor
+builds its :class:`~services.learner_core.LearnerCore` from the same validated run
+configuration. The distributed training itself is the configured learner strategy
+(:mod:`services.learner_strategies`).
+
+Data: the reward scorers cut every scored rollout batch into one shard per rank (rows whose
+``rollout_id % world_size == rank``, see :mod:`services.reward_scorer`), so rank ``r`` fetches
+only its own shards — in request order they are exactly rows ``r::world_size`` of the step's
+batch, today's strided share (:func:`~services.learner_core.shard_batch`). Advantages travel
+with their rows: the driver passes one array indexed by ``rollout_id`` and each rank picks
+its rows' values by their ids.
+
+Weights: a weight sync (:mod:`services.weight_sync`) runs its learner side on every rank
+through :meth:`LearnerGroup.send_weights`.
 """
 
 from __future__ import annotations
@@ -19,7 +31,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from harpo_core.schema import concat, to_learner_tensors
-from services.learner_core import LearnerCore, shard_batch
+from services.config import TrainConfig
+from services.learner_core import LearnerCore
+from services.weight_sync import make_weight_sync
 
 
 class LearnerFailure(RuntimeError):
@@ -38,35 +52,46 @@ def _free_port() -> int:
 
 @ray.remote
 class Learner:
-    def __init__(self, rank: int, world_size: int, torch_threads: int = 1,
-                 max_staleness: int = 0):
-        torch.set_num_threads(torch_threads)
-        self.rank, self.world_size = rank, world_size
-        self.max_staleness = max_staleness  # policy versions a batch may lag the learner
+    """Rank ``rank`` of ``config.learner.workers``."""
+
+    def __init__(self, config: TrainConfig, rank: int):
+        torch.set_num_threads(config.learner.torch_threads)
+        self.train_config = config  # not "config": see setup()
+        self.rank, self.world_size = rank, config.learner.workers
+        self.max_staleness = config.rollout.max_staleness  # versions a batch may lag
         self.core: LearnerCore | None = None
         self.version = 0
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master: tuple[str, int], model_dir: str, core_kwargs: dict,
-              version: int = 0) -> int:
+    def setup(self, master: tuple[str, int], model_dir: str, version: int = 0) -> int:
+        # Not ``self.config``: cloudpickle takes the names a method uses that match torch's
+        # submodules (torch.distributed + config) for imports to ship, and cannot pickle that
+        # one ("cannot pickle 'ConfigModuleInstance'").
         if self.world_size > 1:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend, rank=self.rank,
                                                  world_size=self.world_size)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.core = LearnerCore(model_dir, rank=self.rank, world_size=self.world_size,
-                                device=device, **core_kwargs)
+        self.core = LearnerCore(model_dir, self.train_config, rank=self.rank,
+                                world_size=self.world_size, device=device)
         self.version = version
         return os.getpid()
 
-    def update(self, step: int, batch_refs: list, advantages: np.ndarray,
+    def update(self, step: int, shard_refs: list, advantages: np.ndarray,
                pad_id: int) -> dict:
-        """One policy update on this rank's share of the step's scored rollout batches."""
+        """One policy update on this rank's shards of the step's scored rollout batches.
+
+        ``shard_refs``: this rank's shard of every request, in request order.
+        ``advantages[k]``: the advantage of the rollout whose ``rollout_id`` is ``k``; its
+        length is the number of rollouts in the step (all ranks together).
+        """
         t0 = time.perf_counter()
-        table: pa.Table = concat(ray.get(batch_refs))
+        batches = ray.get(shard_refs)
+        fetch_bytes = sum(batch.nbytes for batch in batches)
+        table: pa.Table = concat(batches)
         versions = np.unique(table.column("policy_version").to_numpy())
         staleness = self.version - int(versions[0])
         if versions.size != 1 or not 0 <= staleness <= self.max_staleness:
@@ -77,69 +102,87 @@ class Learner:
                 f"step {step}: rollouts carry policy versions {versions.tolist()} but the "
                 f"learner is at version {self.version} (allowed: {allowed})"
             )
-        if len(advantages) != table.num_rows:
-            raise ValueError(f"{len(advantages)} advantages for {table.num_rows} rollouts")
+        ids = table.column("rollout_id").to_numpy()
+        rows = len(advantages)
+        if ids.size and (ids.min() < 0 or ids.max() >= rows
+                         or np.any(ids % self.world_size != self.rank)):
+            raise ValueError(
+                f"rank {self.rank} of {self.world_size} was given rollout ids "
+                f"{ids.min()}..{ids.max()} that are not its own (id % {self.world_size} == "
+                f"{self.rank}) of the {rows} rollouts that have advantages")
         tensors = to_learner_tensors(table, pad_id)
-        tensors["advantages"] = torch.tensor(advantages, dtype=torch.float32)
-        local = shard_batch(tensors, self.rank, self.world_size)
+        tensors["advantages"] = torch.tensor(advantages[ids], dtype=torch.float32)
         fetch = time.perf_counter() - t0
-        metrics = self.core.update(local, global_batch_size=table.num_rows,
+        metrics = self.core.update(tensors, global_batch_size=rows,
                                    check_mismatch=staleness == 0)
         self.version += 1
         metrics["staleness"] = staleness
         metrics["fetch_s"] = fetch
+        metrics["fetch_bytes"] = float(fetch_bytes)  # this rank's, not all-reduced
+        metrics["batch_rows"] = float(rows)
         metrics["update_s"] = time.perf_counter() - t0 - fetch
         return metrics
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """CPU state dict of the policy (returned into the object store)."""
-        return self.core.state_dict_cpu()
+    def send_weights(self, transport: str, *args):
+        """This rank's part of publishing the weights through weight sync ``transport``."""
+        return make_weight_sync(transport).send(self.core, *args)
 
     def save(self, directory: str) -> None:
-        if self.rank == 0:
-            self.core.save(directory)
+        self.core.save(directory)
 
     def load(self, directory: str, version: int) -> None:
         self.core.load(directory)
         self.version = version
 
     def shutdown(self) -> None:
-        self.core = None  # free the DDP wrapper while its process group still exists
+        self.core = None  # free the strategy's wrapper while its process group still exists
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 class LearnerGroup:
-    """L learners, gang-scheduled, acting as one."""
+    """``config.learner.workers`` learners, gang-scheduled, acting as one."""
 
-    def __init__(self, world_size: int, model_dir: str, core_kwargs: dict, *,
-                 cpus: float = 1.0, gpus: float = 0.0, resources: dict | None = None,
-                 torch_threads: int = 1, version: int = 0, max_staleness: int = 0):
-        resources = dict(resources or {})
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **resources}
-        self.pg = placement_group([bundle] * world_size, strategy="PACK")
+    def __init__(self, config: TrainConfig, model_dir: str, *, version: int = 0):
+        learner = config.learner
+        self.world_size = learner.workers
+        resources = dict(learner.resources)
+        gpus = learner.gpus_per_worker
+        bundle = {"CPU": learner.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
+                  **resources}
+        self.pg = placement_group([bundle] * self.world_size, strategy="PACK")
         ray.get(self.pg.ready())
         self.learners = [
             Learner.options(
-                num_cpus=cpus, num_gpus=gpus, resources=resources or None,
+                num_cpus=learner.cpus_per_worker, num_gpus=gpus, resources=resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),
-            ).remote(rank, world_size, torch_threads, max_staleness)
-            for rank in range(world_size)
+            ).remote(config, rank)
+            for rank in range(self.world_size)
         ]
+        self.rank_metrics: list[dict] = []  # every rank's metrics of the last update
         master = ray.get(self.learners[0].address.remote())
-        ray.get([learner.setup.remote(master, model_dir, core_kwargs, version)
+        ray.get([learner.setup.remote(master, model_dir, version)
                  for learner in self.learners])
 
-    def update(self, step: int, batch_refs: list, advantages: np.ndarray, pad_id: int) -> dict:
-        """One update on every rank; metrics are all-reduced, so rank 0's stand for all.
+    def update(self, step: int, shards: list[list], advantages: np.ndarray,
+               pad_id: int) -> dict:
+        """One update on every rank; metrics are all-reduced, so rank 0's stand for all
+        (except ``fetch_bytes``, each rank's own: see :attr:`rank_metrics`).
+
+        ``shards[r]``: rank ``r``'s scored-batch refs in request order
+        (``StepRollouts.shards``). ``advantages[k]``: the advantage of rollout id ``k``.
 
         Results are collected as they come: when one rank dies, the others may be stuck in a
         collective waiting for it, so the first death raises :class:`LearnerFailure` at once
         rather than after the collective's time-out.
         """
-        refs = [learner.update.remote(step, batch_refs, advantages, pad_id)
-                for learner in self.learners]
+        if len(shards) != self.world_size:
+            raise ValueError(f"{len(shards)} shards for {self.world_size} learner ranks: the "
+                             f"rollout pool must cut batches for learner.workers ranks")
+        advantages_ref = ray.put(np.asarray(advantages, dtype=np.float64))
+        refs = [learner.update.remote(step, shards[rank], advantages_ref, pad_id)
+                for rank, learner in enumerate(self.learners)]
         waiting = list(refs)
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
@@ -151,7 +194,8 @@ class LearnerGroup:
                 if self._any_dead():  # a survivor's collective broke because a rank died
                     raise LearnerFailure(f"a learner died during step {step}") from exc
                 raise
-        return ray.get(refs[0])
+        self.rank_metrics = ray.get(refs)
+        return dict(self.rank_metrics[0])
 
     def _any_dead(self) -> bool:
         for learner in self.learners:
@@ -161,11 +205,15 @@ class LearnerGroup:
                 return True
         return False
 
-    def weights_ref(self) -> ray.ObjectRef:
-        return self.learners[0].weights.remote()
+    def send_weights(self, transport: str, *args) -> list[ray.ObjectRef]:
+        """Run weight sync ``transport``'s learner side on every rank (actor tasks, started
+        now, not awaited); returns their refs by rank. Used by ``WeightSync.publish``."""
+        return [learner.send_weights.remote(transport, *args) for learner in self.learners]
 
     def save(self, directory: str) -> None:
-        ray.get(self.learners[0].save.remote(directory))
+        """Checkpoint through the strategy; every rank takes part (under ``ddp`` rank 0
+        writes)."""
+        ray.get([learner.save.remote(directory) for learner in self.learners])
 
     def load(self, directory: str, version: int) -> None:
         ray.get([learner.load.remote(directory, version) for learner in self.learners])

@@ -1,19 +1,25 @@
 """Torch-only learner: PPO/GRPO policy updates of a Hugging Face causal LM.
 
-``LearnerCore`` owns the policy, an optional frozen reference copy, AdamW and the LR schedule.
-It knows nothing about Ray; an actor wraps one instance per rank.
+``LearnerCore(model_dir, config)`` owns the policy, an optional frozen reference copy, AdamW
+and the LR schedule; it reads its knobs from the validated run configuration
+(:class:`services.config.TrainConfig`). It knows nothing about Ray; an actor wraps one instance
+per rank.
 
 Data parallelism: with ``world_size > 1`` the caller has already initialised
-``torch.distributed`` and gives every rank its share of the batch, cut with :func:`shard_batch`.
-The model is wrapped in ``DistributedDataParallel`` and each rank scales its loss so that the
-averaged gradient equals the gradient of the loss over the whole global mini-batch, making N
-ranks take the same optimizer steps as one rank with the whole batch (see ``_train_mini_batch``).
+``torch.distributed`` and gives every rank its share of the batch: rows ``rank::world_size``
+(:func:`shard_batch`; the learner actors fetch exactly those rows, see
+:mod:`services.learner`). The distributed part — wrapping the model, skipping gradient sync
+between micro-batches, publishing and checkpointing the weights — is a learner strategy
+(``learner.strategy``, :mod:`services.learner_strategies`; ``ddp`` by default). Each rank
+scales its loss so that the averaged gradient equals the gradient of the loss over the whole
+global mini-batch, making N ranks take the same optimizer steps as one rank with the whole
+batch (see ``_train_mini_batch``).
 
-Forward passes: with ``shared_prompt=True`` (the default) the rows of a batch that share a
-prompt — a GRPO group — go through the model as one packed row, so each prompt is computed once
-per group instead of once per response (:mod:`harpo_core.packing`; same log-probs to float
-rounding). ``shared_prompt=False`` runs every row on its own, for attention backends that take
-no 4D mask.
+Forward passes: with ``learner.shared_prompt_forward`` (the default) the rows of a batch that
+share a prompt — a GRPO group — go through the model as one packed row, so each prompt is
+computed once per group instead of once per response (:mod:`harpo_core.packing`; same log-probs
+to float rounding). Without it every row runs on its own, for attention backends that take no
+4D mask.
 
 Checkpoints hold only safetensors and JSON: nothing is ever unpickled.
 """
@@ -26,24 +32,21 @@ import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
-from harpo_core.losses import (
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    policy_loss,
-    token_entropy,
-    token_logprobs,
-)
+from harpo_core.losses import policy_loss, token_entropy, token_logprobs
 from harpo_core.packing import shared_prompt_forward
+from services.learner_strategies import make_strategy
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
+if TYPE_CHECKING:
+    from services.config import TrainConfig
+
 BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages")
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
@@ -130,57 +133,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _validate_args(*, lr, weight_decay, betas, max_grad_norm, warmup_steps, total_steps,
-                   lr_schedule, mini_batch_size, micro_batch_size, ppo_epochs, clip_low,
-                   clip_high, aggregation, kl_coef, kl_estimator, use_reference, rank,
-                   world_size, temperature):
-    """Raise ValueError naming the first bad argument, its value and what is allowed."""
-    def positive_int(x):
-        return _is_int(x) and x >= 1
-
-    _check(lr > 0, "lr", lr, "> 0")
-    _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
-    _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "betas", betas, "2 values in [0, 1)")
-    _check(max_grad_norm > 0, "max_grad_norm", max_grad_norm, "> 0")
-    _check(_is_int(warmup_steps) and warmup_steps >= 0, "warmup_steps", warmup_steps, "an int >= 0")
-    _check(lr_schedule in LR_SCHEDULES, "lr_schedule", lr_schedule, f"one of {LR_SCHEDULES}")
-    if lr_schedule == "constant":
-        ok, allowed = total_steps is None or positive_int(total_steps), "None or an int >= 1"
-    else:
-        ok = positive_int(total_steps) and total_steps > warmup_steps
-        allowed = f"an int > warmup_steps={warmup_steps} for lr_schedule={lr_schedule!r}"
-    _check(ok, "total_steps", total_steps, allowed)
-    _check(positive_int(world_size), "world_size", world_size, "an int >= 1")
-    _check(_is_int(rank) and 0 <= rank < world_size, "rank", rank, f"in [0, {world_size})")
-    _check(
-        positive_int(mini_batch_size) and mini_batch_size % world_size == 0,
-        "mini_batch_size", mini_batch_size, f"a positive multiple of world_size={world_size}",
-    )
-    _check(
-        micro_batch_size is None or positive_int(micro_batch_size),
-        "micro_batch_size", micro_batch_size, "None or an int >= 1",
-    )
-    _check(positive_int(ppo_epochs), "ppo_epochs", ppo_epochs, "an int >= 1")
-    _check(0 <= clip_low < 1, "clip_low", clip_low, "in [0, 1)")
-    _check(clip_high >= 0, "clip_high", clip_high, ">= 0")
-    _check(aggregation in AGGREGATIONS, "aggregation", aggregation, f"one of {AGGREGATIONS}")
-    _check(kl_coef >= 0, "kl_coef", kl_coef, ">= 0")
-    _check(temperature > 0, "temperature", temperature,
-           "> 0 (the rollouts' sampling temperature; greedy rollouts are not trained on)")
-    _check(kl_estimator in KL_ESTIMATORS, "kl_estimator", kl_estimator, f"one of {KL_ESTIMATORS}")
-    _check(
-        kl_coef == 0 or use_reference,
-        "kl_coef", kl_coef, "0 unless use_reference=True (the KL term needs a reference model)",
-    )
-    if world_size > 1:
-        ready = dist.is_available() and dist.is_initialized()
-        _check(
-            ready and dist.get_world_size() == world_size and dist.get_rank() == rank,
-            "world_size", world_size,
-            "an initialised torch.distributed process group of that size, with this rank",
-        )
-
-
 class LogprobMismatchError(RuntimeError):
     """Rollout log-probs and the learner's own disagree beyond tolerance."""
 
@@ -188,94 +140,69 @@ class LogprobMismatchError(RuntimeError):
 class LearnerCore:
     """Policy + optimizer for clipped policy-gradient updates on one rank.
 
-    ``mini_batch_size`` counts sequences per optimizer step over all ranks together;
-    ``micro_batch_size`` (per rank, default: the whole local mini-batch) only bounds memory
-    through gradient accumulation and does not change the result. Dropout stays off (the
-    model is kept in eval mode) so that on-policy ratios are exactly 1. ``temperature`` is the
-    rollouts' sampling temperature: every log-prob, ratio, KL and entropy is that of
-    ``softmax(logits / temperature)``, the distribution the rollouts were drawn from.
+    Every knob comes from the validated run configuration ``config`` (a
+    :class:`services.config.TrainConfig`); only what the configuration cannot know is checked
+    here: ``rank`` / ``world_size`` (and, through the strategy, the process group) and the
+    shapes of each batch.
 
-    The learning-rate schedule advances once per :meth:`update` (one RL step), however many
-    optimizer steps its mini-batches and epochs take: ``warmup_steps`` and ``total_steps``
-    count RL steps, the unit of ``run.steps``.
+    * ``learner.mini_batch_prompts × rollout.group_size`` sequences per optimizer step, over
+      all ranks together; ``learner.micro_batch_size`` (per rank, default: the whole local
+      mini-batch) only bounds memory through gradient accumulation and does not change the
+      result.
+    * ``learner.strategy`` (:mod:`services.learner_strategies`) wraps the model for the ranks.
+    * The loss knobs are ``learner.loss_config()``; ``kl_coef > 0`` loads a frozen reference
+      copy of the initial model.
+    * ``rollout.temperature`` is the rollouts' sampling temperature: every log-prob, ratio, KL
+      and entropy is that of ``softmax(logits / temperature)``, the distribution the rollouts
+      were drawn from.
+    * The learning-rate schedule advances once per :meth:`update` (one RL step), however many
+      optimizer steps its mini-batches and epochs take: ``learner.warmup_steps`` and
+      ``run.steps`` (the end of a decaying schedule) count RL steps.
+
+    Dropout stays off (the model is kept in eval mode) so that on-policy ratios are exactly 1.
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        mini_batch_size: int,
-        lr: float = 1e-6,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        max_grad_norm: float = 1.0,
-        warmup_steps: int = 0,
-        total_steps: int | None = None,
-        lr_schedule: str = "constant",
-        micro_batch_size: int | None = None,
-        ppo_epochs: int = 1,
-        clip_low: float = 0.2,
-        clip_high: float = 0.28,
-        aggregation: str = "seq-mean-token-mean",
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        use_reference: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str = "cpu",
-        logprob_tolerance: float | None = None,
-        shared_prompt: bool = True,
-        temperature: float = 1.0,
-    ):
-        _validate_args(
-            lr=lr, weight_decay=weight_decay, betas=betas, max_grad_norm=max_grad_norm,
-            warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule,
-            mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size,
-            ppo_epochs=ppo_epochs, clip_low=clip_low, clip_high=clip_high,
-            aggregation=aggregation, kl_coef=kl_coef, kl_estimator=kl_estimator,
-            use_reference=use_reference, rank=rank, world_size=world_size,
-            temperature=temperature,
-        )
+    def __init__(self, model_dir: str, config: TrainConfig, *, rank: int = 0,
+                 world_size: int = 1, device: str = "cpu"):
+        learner = config.learner
+        mini_batch_size = learner.mini_batch_prompts * config.rollout.group_size
+        _check(_is_int(world_size) and world_size >= 1, "world_size", world_size, "an int >= 1")
+        _check(_is_int(rank) and 0 <= rank < world_size, "rank", rank, f"in [0, {world_size})")
+        _check(mini_batch_size % world_size == 0, "world_size", world_size,
+               f"a divisor of the {mini_batch_size} sequences of a mini-batch "
+               f"(learner.mini_batch_prompts × rollout.group_size)")
 
         self.mini_batch_size = mini_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.max_grad_norm = max_grad_norm
-        self.ppo_epochs = ppo_epochs
-        self.loss_kwargs = dict(
-            clip_low=clip_low, clip_high=clip_high, aggregation=aggregation,
-            kl_coef=kl_coef, kl_estimator=kl_estimator,
-        )
-        self.aggregation = aggregation
-        self.logprob_tolerance = logprob_tolerance
-        self.shared_prompt = shared_prompt
-        self.temperature = temperature
+        self.micro_batch_size = learner.micro_batch_size
+        self.max_grad_norm = learner.max_grad_norm
+        self.ppo_epochs = learner.ppo_epochs
+        self.loss = learner.loss_config()
+        self.logprob_tolerance = learner.logprob_mismatch_tolerance
+        self.shared_prompt = learner.shared_prompt_forward
+        self.temperature = config.rollout.temperature
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
+        self.strategy = make_strategy(learner.strategy, rank=rank, world_size=world_size,
+                                      device=self.device)
 
-        torch.manual_seed(seed)
+        torch.manual_seed(config.run.seed)
         self.model = self._load_model(model_dir)
         self.ref_model = None
-        if use_reference:
+        if self.loss.kl_coef > 0:
             self.ref_model = self._load_model(model_dir).requires_grad_(False)
         attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
-        if shared_prompt and attention not in ("eager", "sdpa"):
+        if self.shared_prompt and attention not in ("eager", "sdpa"):
             raise ValueError(
                 f"shared-prompt forward passes need eager or sdpa attention (a 4D mask); this "
                 f"model uses {attention!r}: set learner.shared_prompt_forward: false")
-        self.train_model = self.model
-        if world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(
-                self.model, device_ids=device_ids, broadcast_buffers=False
-            )
+        self.train_model = self.strategy.wrap(self.model)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay
+            self.model.parameters(), lr=learner.lr, betas=tuple(learner.betas),
+            weight_decay=learner.weight_decay,
         )
-        schedule = partial(
-            lr_factor, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps
-        )
+        schedule = partial(lr_factor, schedule=learner.lr_schedule,
+                           warmup_steps=learner.warmup_steps, total_steps=config.run.steps)
         self.scheduler = LambdaLR(self.optimizer, schedule)
 
     def _load_model(self, model_dir):
@@ -312,9 +239,9 @@ class LearnerCore:
     def compute_ref_logprobs(
         self, batch: dict, micro_batch_size: int | None = None
     ) -> torch.Tensor:
-        """Log-probs ``[B, T]`` under the frozen reference model (needs ``use_reference``)."""
+        """Log-probs ``[B, T]`` under the frozen reference model (needs ``kl_coef > 0``)."""
         if self.ref_model is None:
-            raise ValueError("compute_ref_logprobs needs LearnerCore(..., use_reference=True)")
+            raise ValueError("compute_ref_logprobs needs a reference model: learner.kl_coef > 0")
         return self._logprobs(self.ref_model, batch, micro_batch_size).cpu()
 
     def _logprobs(self, model, batch, micro_batch_size, *, responses_only: bool = False):
@@ -404,15 +331,16 @@ class LearnerCore:
         Exact data-parallel scaling: let ``N`` be the global normalizer of the mini-batch (the
         number of non-empty sequences for seq-mean-token-mean, of response tokens for
         token-mean), all-reduced across ranks. Each rank's loss is ``sum_local / N``, so the
-        ranks' losses add up to the global loss. DDP *averages* gradients over ``W`` ranks, so
-        each rank back-propagates ``W * sum_local / N``; the average is then exactly the
-        gradient of the global loss. Micro-batches add their ``sum_micro / N`` terms in the
-        same way, so they change nothing either.
+        ranks' losses add up to the global loss. The strategy (DDP) *averages* gradients over
+        ``W`` ranks, so each rank back-propagates ``W * sum_local / N``; the average is then
+        exactly the gradient of the global loss. Micro-batches add their ``sum_micro / N``
+        terms in the same way, so they change nothing either.
         """
         response_mask = mini["response_mask"].bool()
         counts = torch.stack([(response_mask.sum(-1) > 0).sum(), response_mask.sum()]).double()
         sequences, tokens = self._global_sum(counts).tolist()
-        normalizer = max(sequences if self.aggregation == "seq-mean-token-mean" else tokens, 1.0)
+        seq_mean = self.loss.aggregation == "seq-mean-token-mean"
+        normalizer = max(sequences if seq_mean else tokens, 1.0)
 
         self.optimizer.zero_grad(set_to_none=True)
         size = self.micro_batch_size or len(response_mask)
@@ -420,13 +348,13 @@ class LearnerCore:
         for start in starts:
             micro = {key: value[start:start + size] for key, value in mini.items()}
             last = start == starts[-1]
-            sync = nullcontext() if last or self.world_size == 1 else self.train_model.no_sync()
+            sync = nullcontext() if last else self.strategy.no_sync(self.train_model)
             with sync:
                 loss, stats, predicting, logprobs = self._micro_loss(micro, normalizer)
                 (loss * self.world_size).backward()
             self._record_micro(micro, stats, predicting, logprobs, loss, totals,
                                measure_mismatch)
-        if check_mismatch and self.logprob_tolerance is not None:
+        if check_mismatch:
             self._check_mismatch(totals["mismatch_max"])
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -459,7 +387,7 @@ class LearnerCore:
         logprobs, predicting = self._forward(self.train_model, micro)
         loss, stats = policy_loss(
             logprobs, micro["old_logprobs"], micro["advantages"], micro["response_mask"],
-            ref_logprobs=micro.get("ref_logprobs"), normalizer=normalizer, **self.loss_kwargs,
+            ref_logprobs=micro.get("ref_logprobs"), normalizer=normalizer, **self.loss.kwargs(),
         )
         return loss, stats, predicting, logprobs
 
@@ -509,22 +437,21 @@ class LearnerCore:
 
     # ------------------------------------------------------------ checkpointing
 
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy weights as a CPU state dict (unwrapped names) on rank 0, e.g. for the
+        rollout workers; call it on every rank (a sharded strategy gathers), others get None."""
+        return self.strategy.full_state_dict(self.model)
+
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the policy weights (unwrapped names), e.g. for syncing rollout workers."""
+        """A CPU copy of this rank's policy weights (unwrapped names), all ranks alike under
+        ``ddp``; :meth:`full_state_dict` is the strategy-neutral way to publish them."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def save(self, directory: str | Path) -> None:
-        """Save the policy (``save_pretrained``) and the optimizer + scheduler state.
-
-        Call it on one rank only: every rank holds the same state.
-        """
-        self.model.save_pretrained(str(directory))
-        save_optimizer_state(self.optimizer, self.scheduler, directory)
+        """Save the policy (``save_pretrained`` layout) and the optimizer + scheduler state,
+        through the strategy: call it on every rank (under ``ddp`` rank 0 writes)."""
+        self.strategy.save(self.model, self.optimizer, self.scheduler, directory)
 
     def load(self, directory: str | Path) -> None:
         """Restore policy weights, optimizer and scheduler written by :meth:`save` (all ranks)."""
-        saved = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-        # load_state_dict copies in place, so the optimizer and DDP keep their parameters
-        with torch.no_grad():
-            self.model.load_state_dict(saved.state_dict())
-        load_optimizer_state(self.optimizer, self.scheduler, directory)
+        self.strategy.load(self.model, self.optimizer, self.scheduler, directory)

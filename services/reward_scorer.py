@@ -1,4 +1,9 @@
-"""The reward scorer: a Ray actor that scores rollout batches with harpo_core's rewards."""
+"""The reward scorer: a Ray actor that scores rollout batches with harpo_core's rewards.
+
+It returns a small per-rollout summary for the driver and the scored batch cut into one shard
+per learner rank (rows with ``rollout_id % shards == r``, order kept), each its own object, so
+that a learner rank fetches only its rows.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,14 @@ from harpo_core.schema import with_rewards
 log = logging.getLogger(__name__)
 
 # What the driver needs from a scored batch: a few numbers per rollout, never the tokens.
-SUMMARY_COLUMNS = ("prompt_index", "group_id", "task_code", "policy_version")
+SUMMARY_COLUMNS = ("prompt_index", "group_id", "rollout_id", "task_code", "policy_version")
+
+
+def split_shards(batch: pa.RecordBatch, shards: int) -> list[pa.RecordBatch]:
+    """Rows with ``rollout_id % shards == r`` for every ``r``, in their order (copies, so each
+    shard's buffers hold only its rows)."""
+    owner = batch.column("rollout_id").to_numpy() % shards
+    return [batch.take(pa.array(np.flatnonzero(owner == r))) for r in range(shards)]
 
 
 def summarize(batch: pa.RecordBatch, rewards: dict[str, np.ndarray],
@@ -29,7 +41,8 @@ def summarize(batch: pa.RecordBatch, rewards: dict[str, np.ndarray],
 
 @ray.remote
 class RewardScorer:
-    """Appends reward columns to a batch and returns it with a small per-rollout summary."""
+    """Appends reward columns to a batch; returns a small per-rollout summary and the scored
+    batch cut into one shard per learner rank."""
 
     def __init__(self, config: RewardConfig, torch_threads: int = 1):
         import torch
@@ -41,7 +54,9 @@ class RewardScorer:
         return os.getpid()
 
     @ray.method(num_returns=2)
-    def score(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict]:
+    def score(self, batch: pa.RecordBatch, shards: int = 1) -> tuple:
+        """``(summary, shard_0, ..., shard_{shards-1})``; call it with
+        ``.options(num_returns=shards + 1)``."""
         lengths = np.diff(batch.column("response_ids").offsets.to_numpy())
         result = self.composer.score(
             responses=batch.column("response_text").to_pylist(),
@@ -65,4 +80,5 @@ class RewardScorer:
                 log.warning("reward function failed on prompt %d (rollout row %d, policy version "
                             "%d); scored by reward.on_error: %s", prompts[row], row,
                             versions[row], message)
-        return with_rewards(batch, rewards), summarize(batch, rewards, lengths)
+        return (summarize(batch, rewards, lengths),
+                *split_shards(with_rewards(batch, rewards), shards))

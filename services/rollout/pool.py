@@ -3,6 +3,12 @@
 A step's prompts are cut into requests (fixed chunks, so a request's content and seed do not
 depend on how many workers there are). Idle workers pull the next request; each finished
 generation goes straight to a reward scorer, so scoring overlaps the remaining generation.
+The scorer returns a small summary for the driver and the scored batch cut into one shard per
+learner rank (``learner_shards``); the step's shards are handed on by rank, for each rank to
+fetch its own (``LearnerGroup.update``).
+
+Weights: :meth:`RolloutPool.sync` gives every worker a weight-sync handle
+(:mod:`services.weight_sync`) and keeps it, so a worker started later loads the same version.
 
 Failures: when a request's scored summary cannot be fetched, the pool asks which actor died
 (a dead actor answers a ping with an error at once), replaces it — a new rollout worker loads
@@ -29,6 +35,7 @@ from ray.exceptions import RayActorError
 
 from services.rollout.backend import SamplingParams
 from services.rollout.worker import RolloutRequest
+from services.weight_sync import WeightHandle
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +55,14 @@ class _Member:
 
 @dataclass
 class StepRollouts:
-    """What a step's rollout phase hands on: batch refs in request order and their summaries."""
+    """What a step's rollout phase hands on: scored-batch shard refs and their summaries.
 
-    refs: list
+    ``shards[r]``: learner rank ``r``'s shard of every request, in request order (rows with
+    ``rollout_id % len(shards) == r``). ``summary``: per-rollout columns of all requests,
+    concatenated in request order (``rollout_id`` included).
+    """
+
+    shards: list[list]
     summary: dict[str, np.ndarray]
     times: dict[str, float]
     per_worker: dict[str, int] = field(default_factory=dict)  # rollouts generated per worker
@@ -66,10 +78,15 @@ class RolloutPool:
     def __init__(self, make_worker: ActorFactory, make_scorer: ActorFactory, *, workers: int,
                  scorers: int, version: int, max_retries: int = 3,
                  on_restart: Callable[[str], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None):
+                 on_queue_depth: Callable[[int], None] | None = None,
+                 learner_shards: int = 1):
         self._make_worker, self._make_scorer = make_worker, make_scorer
         self.version = version
-        self.weights = None  # object ref of the current policy weights (None: model_dir's)
+        self.weights: WeightHandle | None = None  # the current version's (None: model_dir's)
+        if learner_shards < 1:
+            raise ValueError(f"learner_shards must be >= 1 (learner.workers), "
+                             f"got {learner_shards}")
+        self.learner_shards = learner_shards  # scored batches are cut for this many ranks
         self.max_retries = max_retries
         self._on_restart = on_restart or (lambda role: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
@@ -142,8 +159,8 @@ class RolloutPool:
 
     # ------------------------------------------------------------------ weights
 
-    def sync(self, version: int, weights: ray.ObjectRef) -> SyncResult:
-        """Every worker loads ``weights`` as ``version``.
+    def sync(self, version: int, weights: WeightHandle) -> SyncResult:
+        """Every worker loads ``weights`` (a weight-sync handle) as ``version``.
 
         A worker that dies while loading is replaced; the replacement loads the same weights
         before it joins, so the pool serves one version only when this returns.
@@ -169,7 +186,7 @@ class RolloutPool:
         pending = deque(range(len(requests)))
         attempts = Counter()
         generating: dict = {}  # generation ref -> (request index, worker)
-        scoring: dict = {}  # summary ref -> (request index, worker, scorer, gen ref, batch ref)
+        scoring: dict = {}  # summary ref -> (request index, worker, scorer, gen ref, shard refs)
         done: dict[int, tuple] = {}
         per_worker: Counter[str] = Counter()
         last_generated = t0
@@ -192,17 +209,17 @@ class RolloutPool:
                 worker.busy = False
                 scorer = self.scorers[turn % len(self.scorers)]
                 turn += 1
-                batch_ref, summary_ref = scorer.actor.score.remote(ref)
-                scoring[summary_ref] = (k, worker, scorer, ref, batch_ref)
+                summary_ref, *shard_refs = self._score(scorer, ref)
+                scoring[summary_ref] = (k, worker, scorer, ref, shard_refs)
                 last_generated = time.perf_counter()
                 continue
-            k, worker, scorer, gen_ref, batch_ref = scoring.pop(ref)
+            k, worker, scorer, gen_ref, shard_refs = scoring.pop(ref)
             try:
                 summary = ray.get(ref)
             except RayActorError:
                 self._recover(k, worker, scorer, gen_ref, attempts, pending, scoring)
                 continue
-            done[k] = (batch_ref, summary)
+            done[k] = (shard_refs, summary)
             per_worker[worker.name] += len(summary["reward"])
         self.queue_depth = 0
         self._on_queue_depth(0)
@@ -210,7 +227,9 @@ class RolloutPool:
         summaries = [done[k][1] for k in range(len(requests))]
         merged = {key: np.concatenate([s[key] for s in summaries]) for key in summaries[0]}
         return StepRollouts(
-            refs=[done[k][0] for k in range(len(requests))], summary=merged,
+            shards=[[done[k][0][r] for k in range(len(requests))]
+                    for r in range(self.learner_shards)],
+            summary=merged,
             times={"generate_s": last_generated - t0, "score_s": t_end - last_generated},
             per_worker=dict(per_worker))
 
@@ -230,8 +249,13 @@ class RolloutPool:
             return
         if scorer not in self.scorers:
             scorer = self.scorers[0]
-        batch_ref, summary_ref = scorer.actor.score.remote(gen_ref)
-        scoring[summary_ref] = (k, worker, scorer, gen_ref, batch_ref)
+        summary_ref, *shard_refs = self._score(scorer, gen_ref)
+        scoring[summary_ref] = (k, worker, scorer, gen_ref, shard_refs)
+
+    def _score(self, scorer: _Member, gen_ref) -> list:
+        """Refs of the summary, then of one scored shard per learner rank."""
+        shards = self.learner_shards
+        return scorer.actor.score.options(num_returns=shards + 1).remote(gen_ref, shards)
 
     def inflight(self) -> int:
         return sum(m.busy for m in self.workers)

@@ -14,6 +14,7 @@ import torch
 from harpo_core.schema import GENERATION_SCHEMA
 from services.rollout.backend import Generation, SamplingParams
 from services.rollout.registry import make_backend
+from services.weight_sync import WeightHandle, make_weight_sync
 
 
 class StalePolicyError(RuntimeError):
@@ -58,13 +59,19 @@ def token_columns(prompt_ids: list[list[int]], gen: Generation, n: int) -> dict[
 
 def build_batch(request: RolloutRequest, gen: Generation, texts: list[str], n: int,
                 worker: str) -> pa.RecordBatch:
-    """Arrow rollout batch (GENERATION_SCHEMA) for a request and its generation, vectorised."""
+    """Arrow rollout batch (GENERATION_SCHEMA) for a request and its generation, vectorised.
+
+    ``rollout_id`` = group id × ``n`` + sample index: with group ids the prompts' positions in
+    the step, a step's rollout ids are 0..N-1 in request order.
+    """
     per_row = lambda a: np.repeat(np.asarray(a), n)  # noqa: E731 - prompt field -> rollout rows
     task_codes = per_row(request.task_codes).astype(np.int32)
     rows = task_codes.size
+    group_ids = per_row(request.group_ids).astype(np.int64)
     arrays = {
         "prompt_index": pa.array(per_row(request.prompt_indices), pa.int64()),
-        "group_id": pa.array(per_row(request.group_ids), pa.int64()),
+        "group_id": pa.array(group_ids, pa.int64()),
+        "rollout_id": pa.array(group_ids * n + np.tile(np.arange(n), rows // n), pa.int64()),
         "task_code": pa.array(task_codes, pa.int32()),
         "task": pa.array(np.asarray(request.task_names, dtype=object)[task_codes], pa.string()),
         "task_type": pa.array(np.asarray(request.task_types, dtype=object)[task_codes],
@@ -86,20 +93,22 @@ class RolloutWorker:
 
     def __init__(self, name: str, backend: str, model_dir: str, params: SamplingParams,
                  torch_threads: int = 1, options: dict | None = None,
-                 initial_version: int = 0):
+                 initial_version: int = 0, weight_sync: str = "object_store"):
         torch.set_num_threads(torch_threads)
         self.name = name
         self.params = params
         self.backend = make_backend(backend, model_dir, options or {})
+        self._weight_sync = make_weight_sync(weight_sync)  # rollout.weight_sync
         self.version = initial_version
 
     def ready(self) -> dict:
         return {"name": self.name, "version": self.version, "pid": os.getpid()}
 
-    def set_weights(self, version: int, state_dict: dict) -> float:
-        """Load a policy version; returns the seconds it took."""
+    def set_weights(self, version: int, handle: WeightHandle) -> float:
+        """Receive a policy version through the weight sync and load it; returns the seconds
+        it took (receiving included)."""
         t0 = time.perf_counter()
-        self.backend.load_weights(state_dict)
+        self.backend.load_weights(self._weight_sync.receive(handle))
         self.version = version
         return time.perf_counter() - t0
 

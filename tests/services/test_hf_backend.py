@@ -57,6 +57,7 @@ def test_learner_log_probs_follow_the_sampling_temperature(tiny_assets, backend,
     import pyarrow as pa
 
     from harpo_core.schema import to_learner_tensors
+    from services.config import parse_config
     from services.learner_core import LearnerCore
     from services.rollout.worker import token_columns
 
@@ -67,8 +68,14 @@ def test_learner_log_probs_follow_the_sampling_temperature(tiny_assets, backend,
     mask = batch["response_mask"].bool()
     gaps = {}
     for temperature in (0.7, 1.0):
-        learner = LearnerCore(str(tiny_assets.model_dir), mini_batch_size=len(table),
-                              shared_prompt=shared_prompt, temperature=temperature)
+        config = parse_config({
+            "model": {"path": str(tiny_assets.model_dir)},
+            "data": {"path": str(tiny_assets.data_dir), "prompts_per_step": len(prompts)},
+            "rollout": {"group_size": params.n, "temperature": temperature},
+            "learner": {"mini_batch_prompts": len(prompts),
+                        "shared_prompt_forward": shared_prompt},
+        })
+        learner = LearnerCore(str(tiny_assets.model_dir), config)
         # the update's own forward pass and the full-sequence one used for reference log-probs
         ours = learner._logprobs(learner.model, batch, None, responses_only=True)
         full = learner.compute_logprobs(batch)

@@ -11,10 +11,36 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from harpo_core.losses import LossConfig
+from services.config import ConfigError, LearnerSection, parse_config
 from services.learner_core import LearnerCore, lr_factor, shard_batch
+from services.learner_strategies import available_strategies, make_strategy
 
 BATCH, SEQ_LEN, VOCAB = 8, 12, 64
-COMMON = dict(lr=1e-3, mini_batch_size=4, clip_low=0.2, clip_high=0.28)
+GROUP = 2  # rollout.group_size of the test configs: a mini-batch of 4 sequences is 2 prompts
+COMMON = dict(lr=1e-3, clip_low=0.2, clip_high=0.28)
+
+
+def config_data(mini_batch=4, *, run=(), rollout=(), **learner):
+    """A run configuration (as a dict) with ``mini_batch`` sequences per optimizer step and
+    ``learner`` knobs; the data and model paths are never read by LearnerCore."""
+    return {
+        "model": {"path": "unused"},
+        "data": {"path": "unused", "prompts_per_step": BATCH // GROUP},
+        "run": dict(run),
+        "rollout": {"group_size": GROUP, **dict(rollout)},
+        "learner": {"mini_batch_prompts": mini_batch // GROUP, **learner},
+    }
+
+
+def make_config(mini_batch=4, **kwargs):
+    return parse_config(config_data(mini_batch, **kwargs))
+
+
+def train(learner, batch):
+    """One update on an off-policy test batch (its log-probs are not the policy's, so the
+    rollout/learner mismatch is measured but not enforced)."""
+    return learner.update(batch, global_batch_size=BATCH, check_mismatch=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +88,9 @@ def params(learner):
 
 
 def test_update_changes_params_and_returns_finite_metrics(model_dir):
-    learner = LearnerCore(model_dir, **COMMON)
+    learner = LearnerCore(model_dir, make_config(**COMMON))
     before = params(learner)
-    metrics = learner.update(make_batch(), global_batch_size=BATCH)
+    metrics = train(learner, make_batch())
     after = params(learner)
     assert any(not torch.equal(before[name], after[name]) for name in before)
     expected = {"loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "grad_norm", "lr",
@@ -79,7 +105,7 @@ def test_update_changes_params_and_returns_finite_metrics(model_dir):
 
 
 def test_on_policy_batch_has_no_mismatch_and_no_clipping(model_dir):
-    learner = LearnerCore(model_dir, lr=1e-3, mini_batch_size=BATCH, micro_batch_size=3)
+    learner = LearnerCore(model_dir, make_config(BATCH, lr=1e-3, micro_batch_size=3))
     batch = make_batch()
     batch["old_logprobs"] = learner.compute_logprobs(batch, micro_batch_size=5)
     metrics = learner.update(batch, global_batch_size=BATCH)
@@ -91,7 +117,7 @@ def test_on_policy_batch_has_no_mismatch_and_no_clipping(model_dir):
 
 
 def test_compute_logprobs_matches_a_plain_forward(model_dir):
-    learner = LearnerCore(model_dir, mini_batch_size=4, use_reference=True, kl_coef=0.1)
+    learner = LearnerCore(model_dir, make_config(kl_coef=0.1))  # kl_coef > 0: a reference
     batch = make_batch()
     model = Qwen2ForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
@@ -100,13 +126,16 @@ def test_compute_logprobs_matches_a_plain_forward(model_dir):
     got = learner.compute_logprobs(batch, micro_batch_size=3)
     assert torch.allclose(got[:, 1:], expected.squeeze(-1), atol=1e-5)
     assert torch.allclose(learner.compute_ref_logprobs(batch), got, atol=1e-5)
+    with pytest.raises(ValueError, match=r"needs a reference model: learner.kl_coef > 0"):
+        LearnerCore(model_dir, make_config()).compute_ref_logprobs(batch)
 
 
 def test_micro_batching_does_not_change_the_update(model_dir):
-    whole = LearnerCore(model_dir, **COMMON)
-    micro = LearnerCore(model_dir, micro_batch_size=1, **COMMON)
-    metrics_whole = whole.update(make_batch(), global_batch_size=BATCH)
-    metrics_micro = micro.update(make_batch(), global_batch_size=BATCH)
+    whole = LearnerCore(model_dir, make_config(**COMMON))
+    micro = LearnerCore(model_dir, make_config(micro_batch_size=1, **COMMON))
+    assert (whole.micro_batch_size, micro.micro_batch_size) == (None, 1)  # from the config
+    metrics_whole = train(whole, make_batch())
+    metrics_micro = train(micro, make_batch())
     for name, value in params(whole).items():
         assert torch.allclose(value, params(micro)[name], atol=1e-6), name
     assert metrics_micro["grad_norm"] == pytest.approx(metrics_whole["grad_norm"], rel=1e-5)
@@ -114,13 +143,13 @@ def test_micro_batching_does_not_change_the_update(model_dir):
 
 
 def test_non_finite_gradients_skip_the_step(model_dir):
-    learner = LearnerCore(model_dir, **COMMON)
+    learner = LearnerCore(model_dir, make_config(**COMMON))
     batch = make_batch()
     batch["advantages"][:] = float("nan")
     before = params(learner)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = learner.update(batch, global_batch_size=BATCH)
+        metrics = train(learner, batch)
     assert metrics["skipped_steps"] == 2
     # the update still counts as an RL step for the LR schedule, without torch's
     # "scheduler before optimizer" warning (that order is intended here)
@@ -136,17 +165,17 @@ def test_non_finite_gradients_skip_the_step(model_dir):
 # half of a group into a shorter row than one rank's whole group: the attention sums change
 # shape and order, hence the looser check on the weights.
 DDP_CONFIGS = [
-    dict(aggregation="seq-mean-token-mean", shared_prompt=False),
-    dict(aggregation="token-mean", shared_prompt=False),
-    dict(aggregation="seq-mean-token-mean", kl_coef=0.5, use_reference=True, micro_batch_size=1,
-         shared_prompt=False),
-    dict(aggregation="seq-mean-token-mean", shared_prompt=True),
-    dict(aggregation="token-mean", kl_coef=0.5, use_reference=True, shared_prompt=True),
+    dict(aggregation="seq-mean-token-mean", shared_prompt_forward=False),
+    dict(aggregation="token-mean", shared_prompt_forward=False),
+    dict(aggregation="seq-mean-token-mean", kl_coef=0.5, micro_batch_size=1,
+         shared_prompt_forward=False),
+    dict(aggregation="seq-mean-token-mean", shared_prompt_forward=True),
+    dict(aggregation="token-mean", kl_coef=0.5, shared_prompt_forward=True),
 ]
 
 
 def ddp_batch(config):
-    return make_batch(seed=1, grouped=config["shared_prompt"])
+    return make_batch(seed=1, grouped=config["shared_prompt_forward"])
 
 
 def ddp_worker(rank, world_size, port, model_dir, out_dir):
@@ -155,11 +184,13 @@ def ddp_worker(rank, world_size, port, model_dir, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         for index, config in enumerate(DDP_CONFIGS):
-            learner = LearnerCore(model_dir, rank=rank, world_size=world_size, **COMMON, **config)
-            metrics = learner.update(shard_batch(ddp_batch(config), rank, world_size),
-                                     global_batch_size=BATCH)
+            learner = LearnerCore(model_dir, make_config(workers=world_size, **COMMON, **config),
+                                  rank=rank, world_size=world_size)
+            metrics = train(learner, shard_batch(ddp_batch(config), rank, world_size))
+            weights = learner.full_state_dict()  # every rank calls it; rank 0 gets the dict
+            assert (weights is None) == (rank != 0)
             if rank == 0:
-                save_file(learner.state_dict_cpu(), os.path.join(out_dir, f"{index}.safetensors"))
+                save_file(weights, os.path.join(out_dir, f"{index}.safetensors"))
                 with open(os.path.join(out_dir, f"{index}.json"), "w") as f:
                     json.dump(metrics, f)
             # Free the DDP wrapper while the process group lives: destroying it after
@@ -179,11 +210,11 @@ def free_port():
 def test_two_ranks_match_one_rank_on_the_whole_batch(model_dir, tmp_path):
     mp.spawn(ddp_worker, args=(2, free_port(), model_dir, str(tmp_path)), nprocs=2)
     for index, config in enumerate(DDP_CONFIGS):
-        single = LearnerCore(model_dir, **COMMON, **config)
-        metrics = single.update(ddp_batch(config), global_batch_size=BATCH)
+        single = LearnerCore(model_dir, make_config(**COMMON, **config))
+        metrics = train(single, ddp_batch(config))
         assert 0 < metrics["clip_frac"] < 1  # the clipped branch is exercised
         ddp_params = load_file(str(tmp_path / f"{index}.safetensors"))
-        if not config["shared_prompt"]:
+        if not config["shared_prompt_forward"]:
             for name, value in single.state_dict_cpu().items():
                 assert torch.allclose(value, ddp_params[name], atol=1e-6, rtol=0), (config, name)
         else:  # Adam's first step (~ lr * sign(g)) blows up rounding only where g is ~0
@@ -209,16 +240,17 @@ def test_shard_batch_puts_every_global_mini_batch_on_all_ranks():
 # ------------------------------------------------------------------- checkpointing
 
 def test_save_and_load_resume_identically(model_dir, tmp_path):
-    config = dict(COMMON, lr_schedule="cosine", warmup_steps=1, total_steps=10, weight_decay=0.1)
+    config = make_config(run={"steps": 10}, lr_schedule="cosine", warmup_steps=1,
+                         weight_decay=0.1, **COMMON)
     first, second = make_batch(seed=2), make_batch(seed=3)
-    uninterrupted = LearnerCore(model_dir, **config)
-    uninterrupted.update(first, global_batch_size=BATCH)
+    uninterrupted = LearnerCore(model_dir, config)
+    train(uninterrupted, first)
     uninterrupted.save(tmp_path / "ckpt")
-    expected = uninterrupted.update(second, global_batch_size=BATCH)
+    expected = train(uninterrupted, second)
 
-    resumed = LearnerCore(model_dir, **config)
+    resumed = LearnerCore(model_dir, config)
     resumed.load(tmp_path / "ckpt")
-    got = resumed.update(second, global_batch_size=BATCH)
+    got = train(resumed, second)
     for name, value in params(uninterrupted).items():
         assert torch.allclose(value, params(resumed)[name], atol=1e-7, rtol=0), name
     assert got["lr"] == expected["lr"]
@@ -237,10 +269,10 @@ def test_lr_schedules_by_hand():
 def test_scheduler_drives_the_optimizer_lr_once_per_update(model_dir):
     # 4 optimizer steps per update; the schedule counts updates (RL steps), so the first
     # update runs all four at 1/4 of lr, the second at 2/4 (not 1/4..4/4, then 5/4 -> 1)
-    learner = LearnerCore(model_dir, lr=1e-3, mini_batch_size=2, warmup_steps=4)
+    learner = LearnerCore(model_dir, make_config(2, lr=1e-3, warmup_steps=4))
     rates = []
     for seed in (0, 1):
-        metrics = learner.update(make_batch(seed=seed), global_batch_size=BATCH)
+        metrics = train(learner, make_batch(seed=seed))
         assert metrics["n_steps"] == 4
         rates.append(metrics["lr"])
     assert rates == pytest.approx([0.25e-3, 0.5e-3])
@@ -249,36 +281,72 @@ def test_scheduler_drives_the_optimizer_lr_once_per_update(model_dir):
 
 # ------------------------------------------------------------------ validation
 
+# What the configuration can check, it checks once (services.config); LearnerCore takes it as
+# given. Each bad knob is an error of the configuration, naming the field.
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (config_data(lr=0.0), r"learner.lr: Input should be greater than 0"),
+        (config_data(lr_schedule="step"), r"learner.lr_schedule: Input should be 'constant'"),
+        (config_data(run={"steps": 2}, lr_schedule="cosine", warmup_steps=3),
+         r"learner.warmup_steps \(3\) must be less than run.steps \(2\)"),
+        (config_data(run={"steps": 5}, lr_schedule="linear", warmup_steps=5),
+         r"learner.lr_schedule 'linear' .*learner.warmup_steps \(5\).*run.steps \(5\)"),
+        (config_data(mini_batch_prompts=0), r"learner.mini_batch_prompts: Input should be"),
+        (config_data(ppo_epochs=0), r"learner.ppo_epochs: Input should be greater than or"),
+        (config_data(clip_low=1.0), r"learner.clip_low: Input should be less than 1"),
+        (config_data(clip_high=-0.1), r"learner.clip_high: Input should be greater than or"),
+        (config_data(betas=(0.9, 1.0)), r"learner.betas.1: Input should be less than 1"),
+        (config_data(aggregation="sum"), r"learner.aggregation: .*'token-mean'"),
+        (config_data(kl_estimator="k2"), r"learner.kl_estimator: Input should be 'k1' or 'k3'"),
+        (config_data(kl_coef=-0.1), r"learner.kl_coef: Input should be greater than or"),
+        (config_data(rollout={"temperature": 0.0}), r"rollout.temperature: .*greater than 0"),
+        (config_data(micro_batch_size=0), r"learner.micro_batch_size: Input should be"),
+        (config_data(strategy="fsdp"),
+         r"learner.strategy: unknown learner strategy 'fsdp'; available: \['ddp'\]"),
+        ({**config_data(workers=2, mini_batch_prompts=1), "rollout": {"group_size": 3}},
+         r"learner.workers \(2\) must divide the sequences of a mini-batch .* = 3\)"),
+    ],
+)
+def test_bad_config_knobs_are_rejected(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_the_loss_knobs_have_one_source_of_defaults_and_checks():
+    assert LearnerSection().loss_config() == LossConfig()
+    with pytest.raises(ValueError, match=r"aggregation='sum' is invalid: expected one of"):
+        LossConfig(aggregation="sum")
+    with pytest.raises(ValueError, match=r"clip_low=1\.0 is invalid: expected in \[0, 1\)"):
+        LossConfig(clip_low=1.0)
+
+
+# What only the running process knows stays a LearnerCore error.
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(lr=0.0), r"lr=0\.0 is invalid: expected > 0"),
-        (dict(lr_schedule="step"), r"lr_schedule='step'.*constant"),
-        (dict(lr_schedule="cosine"), r"total_steps=None.*warmup_steps=0"),
-        (dict(lr_schedule="linear", warmup_steps=5, total_steps=5), r"total_steps=5"),
-        (dict(mini_batch_size=0), r"mini_batch_size=0.*positive multiple"),
-        (dict(ppo_epochs=0), r"ppo_epochs=0"),
-        (dict(clip_low=1.0), r"clip_low=1\.0.*\[0, 1\)"),
-        (dict(clip_high=-0.1), r"clip_high=-0\.1"),
-        (dict(betas=(0.9, 1.0)), r"betas=\(0\.9, 1\.0\).*\[0, 1\)"),
-        (dict(aggregation="sum"), r"aggregation='sum'.*token-mean"),
-        (dict(kl_estimator="k2"), r"kl_estimator='k2'.*k1"),
-        (dict(kl_coef=0.1), r"kl_coef=0\.1.*use_reference=True"),
-        (dict(temperature=0.0), r"temperature=0\.0.*> 0"),
         (dict(rank=1), r"rank=1.*\[0, 1\)"),
         (dict(world_size=0), r"world_size=0.*int >= 1"),
-        (dict(world_size=2, mini_batch_size=3), r"mini_batch_size=3.*multiple of world_size=2"),
+        (dict(world_size=3), r"world_size=3.*divisor of the 4 sequences of a mini-batch"),
         (dict(world_size=2), r"world_size=2.*process group"),
-        (dict(micro_batch_size=0), r"micro_batch_size=0"),
     ],
 )
-def test_bad_arguments_are_rejected(model_dir, kwargs, message):
+def test_bad_runtime_arguments_are_rejected(model_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        LearnerCore(model_dir, **{"mini_batch_size": 4, **kwargs})
+        LearnerCore(model_dir, make_config(), **kwargs)
+
+
+def test_strategies_are_a_registry():
+    assert available_strategies() == ["ddp"]
+    with pytest.raises(ValueError, match=r"unknown learner strategy 'fsdp'; available: \['ddp'\]"):
+        make_strategy("fsdp", rank=0, world_size=1, device=torch.device("cpu"))
+    single = make_strategy("ddp", rank=0, world_size=1, device=torch.device("cpu"))
+    model = torch.nn.Linear(2, 2)
+    assert single.wrap(model) is model  # one rank: the plain model
 
 
 def test_bad_batches_are_rejected(model_dir):
-    learner = LearnerCore(model_dir, mini_batch_size=4)
+    learner = LearnerCore(model_dir, make_config())
     with pytest.raises(ValueError, match=r"global_batch_size=16.*world_size 1 = 8"):
         learner.update(make_batch(), global_batch_size=16)
     batch = make_batch()

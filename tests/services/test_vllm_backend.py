@@ -17,6 +17,7 @@ import pytest
 from harpo_core.schema import GENERATION_SCHEMA
 from services.rollout.backend import SamplingParams
 from services.rollout.worker import RolloutRequest, StalePolicyError
+from services.weight_sync.object_store import ObjectStoreSync
 
 pytestmark = pytest.mark.slow
 
@@ -107,11 +108,17 @@ def probe(ray_cluster, tiny_assets):
     @ray.remote(num_cpus=1)
     class LearnerProbe:
         def __init__(self, model_dir):
+            from services.config import parse_config
             from services.learner_core import LearnerCore
 
-            # use_reference keeps a frozen copy of the initial weights for the "before" check
-            self.core = LearnerCore(model_dir, mini_batch_size=len(TEXTS) * N, lr=1e-3,
-                                    use_reference=True)
+            config = parse_config({
+                "model": {"path": model_dir}, "data": {"path": "unused",
+                                                       "prompts_per_step": len(TEXTS)},
+                "rollout": {"group_size": N},
+                "learner": {"mini_batch_prompts": len(TEXTS), "lr": 1e-3},
+            })
+            self.core = LearnerCore(model_dir, config)
+            self.initial = LearnerCore(model_dir, config)  # never updated: the "before" check
 
         def _tensors(self, batch, pad_id):
             import torch
@@ -132,7 +139,7 @@ def probe(ray_cluster, tiny_assets):
             tensors = self._tensors(batch, pad_id)
             mask = tensors["response_mask"].bool()
             return (self.core.compute_logprobs(tensors)[mask].numpy(),
-                    self.core.compute_ref_logprobs(tensors)[mask].numpy())
+                    self.initial.compute_logprobs(tensors)[mask].numpy())
 
         def weights(self):
             return self.core.state_dict_cpu()
@@ -198,7 +205,7 @@ def test_synced_vllm_logprobs_match_the_learner(ray_cluster, shared, probe):
     # the learner's own check, before its step: vLLM's rollout log-probs are its own
     assert metrics["logprob_mismatch_max"] < 1e-4
     weights = probe.weights.remote()
-    ray.get(shared.worker.set_weights.remote(shared.version + 1, weights))
+    ray.get(shared.worker.set_weights.remote(shared.version + 1, ObjectStoreSync.handle(weights)))
     shared.version, shared.weights = shared.version + 1, weights
 
     batch = ray.get(shared.worker.generate.remote(_request(shared, shared.version, seed=22)))
@@ -226,7 +233,7 @@ def test_a_restarted_worker_serves_only_the_current_version(ray_cluster, shared,
     shared.worker = fresh
     with pytest.raises(StalePolicyError):  # not synced yet: it cannot serve the current version
         ray.get(fresh.generate.remote(request))
-    ray.get(fresh.set_weights.remote(shared.version, shared.weights))
+    ray.get(fresh.set_weights.remote(shared.version, ObjectStoreSync.handle(shared.weights)))
     assert ray.get(fresh.ready.remote())["version"] == shared.version
     with pytest.raises(StalePolicyError, match="version"):
         ray.get(fresh.generate.remote(_request(shared, shared.version - 1, seed=31)))
@@ -264,7 +271,8 @@ def hf_backend(ray_cluster, tiny_assets, shared):
     weights = _noisy(backend.model.state_dict())
     backend.load_weights(weights)
     shared.version, shared.weights = shared.version + 1, ray_cluster.put(weights)
-    ray_cluster.get(shared.worker.set_weights.remote(shared.version, shared.weights))
+    ray_cluster.get(shared.worker.set_weights.remote(shared.version,
+                                                     ObjectStoreSync.handle(shared.weights)))
     return backend
 
 

@@ -1,0 +1,97 @@
+"""Learner strategies: how the ranks of a learner group share the training of one model.
+
+A strategy owns everything distributed in :class:`services.learner_core.LearnerCore`: the
+module that forward/backward passes go through (DDP, sharding, ...), the context that skips
+gradient synchronisation between micro-batches, the full CPU state dict that is published to
+the rollout workers, and checkpoint save/load of model + optimizer. The loss, the mini-batch
+scaling and the optimizer step stay in ``LearnerCore``.
+
+A strategy named ``X`` lives in ``services/learner_strategies/X.py`` and registers its class
+with ``@register_strategy("X")``: adding one is adding that file. :func:`available_strategies`
+lists the files without importing them (the run configuration validates ``learner.strategy``
+against it without loading torch); :func:`make_strategy` imports the one asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+_REGISTRY: dict[str, type[LearnerStrategy]] = {}
+
+
+def register_strategy(name: str):
+    """Class decorator: register a :class:`LearnerStrategy` under ``name`` (its file's name)."""
+
+    def decorator(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"learner strategy {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_strategies() -> list[str]:
+    """Names of the strategies in this package (one module each; nothing is imported)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                  if not m.name.startswith("_"))
+
+
+def make_strategy(name: str, *, rank: int, world_size: int,
+                  device: torch.device) -> LearnerStrategy:
+    if name not in available_strategies():
+        raise ValueError(f"unknown learner strategy {name!r}; available: "
+                         f"{available_strategies()}")
+    importlib.import_module(f"{__name__}.{name}")
+    if name not in _REGISTRY:
+        raise ValueError(f"{__name__}.{name} registers no strategy named {name!r}")
+    return _REGISTRY[name](rank=rank, world_size=world_size, device=device)
+
+
+class LearnerStrategy:
+    """One rank's side of a distributed training strategy.
+
+    Every method is called on every rank, in the same order (a strategy may run collectives
+    in any of them). ``LearnerCore`` scales each rank's loss so that the *average* of the
+    ranks' gradients is the gradient of the global mini-batch loss: a strategy must average
+    gradients over the ranks (as DDP's all-reduce and FSDP's reduce-scatter do) before the
+    optimizer step, once per mini-batch, on the backward pass of the last micro-batch.
+    """
+
+    name: str = ""
+
+    def __init__(self, *, rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that training forward/backward passes go through. Called once, before
+        the optimizer is built on ``model.parameters()``; may change ``model`` in place."""
+        raise NotImplementedError
+
+    def no_sync(self, train_model: torch.nn.Module) -> AbstractContextManager:
+        """Context for the backward passes of all but the last micro-batch of a mini-batch:
+        gradients accumulate locally, without communication."""
+        raise NotImplementedError
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole policy as a CPU state dict (unwrapped names) on rank 0; other ranks take
+        part (a sharded strategy gathers) and may return None."""
+        raise NotImplementedError
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             directory: str | Path) -> None:
+        """Write the policy (``save_pretrained`` layout) and the optimizer + scheduler state."""
+        raise NotImplementedError
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             directory: str | Path) -> None:
+        """Restore what :meth:`save` wrote, in place (the optimizer keeps its parameters)."""
+        raise NotImplementedError
