@@ -115,7 +115,7 @@ def test_resumed_run_matches_an_uninterrupted_one(ray_cluster, tiny_assets, tmp_
     RunDir(tmp_path / "cut").append_eval({"step": 3, "reward": {}})
     resumed = Trainer(cut_cfg, resume=True)
     try:
-        assert resumed.step == 2 and resumed.version == 2
+        assert resumed.completed_steps == 2 and resumed.version == 2
         tail = resumed.run()
     finally:
         resumed.shutdown()
@@ -148,7 +148,7 @@ def test_a_corrupt_checkpoint_is_skipped(ray_cluster, tiny_assets, tmp_path, cap
     latest.write_text(latest.read_text().replace("1", "7", 1))
     resumed = Trainer(config, resume=True)
     try:
-        assert resumed.step == 1  # fell back to the previous, intact checkpoint
+        assert resumed.completed_steps == 1  # fell back to the previous, intact checkpoint
     finally:
         resumed.shutdown()
     assert "sampler.json does not match its checksum" in caplog.text
