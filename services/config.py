@@ -8,39 +8,27 @@ the field, the value given and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from harpo_core import HarpoConfig, estimator_parameters, make_estimator
-from harpo_core.estimators import DEFAULT_EMA_DECAY, DEFAULT_EPS
 from harpo_core.loss_config import AGGREGATIONS, KL_ESTIMATORS, LossConfig
-from harpo_core.modulator import ZeroSignal
 from harpo_core.rewards import RewardConfig
+from services.config_algorithm import AlgorithmSection
+from services.config_base import Fraction, PositiveInt, Section
 from services.learner_strategies import available_strategies
 from services.rollout.registry import available_backends
 from services.weight_sync import available_weight_syncs
 
-PositiveInt = Annotated[int, Field(ge=1)]
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RunSection(_Section):
+class RunSection(Section):
     name: str = "harpo"
     output_dir: Path = Path("runs/harpo")
     seed: int = 0
@@ -52,12 +40,12 @@ class RunSection(_Section):
     max_restarts: Annotated[int, Field(ge=0)] = 3
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     path: Path
     trust_remote_code: bool = False
 
 
-class DataSection(_Section):
+class DataSection(Section):
     path: Path
     train_split: str = "train"
     eval_split: str = "test"
@@ -83,7 +71,7 @@ class DataSection(_Section):
         return self
 
 
-class VLLMSection(_Section):
+class VLLMSection(Section):
     """Engine settings of the vLLM backend (``rollout.backend: vllm``)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -95,7 +83,7 @@ class VLLMSection(_Section):
     compile_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for the engine
 
 
-class AutoscaleSection(_Section):
+class AutoscaleSection(Section):
     """Grow or shrink the rollout pool between steps by the share of step time spent generating.
 
     After each step: if generation took more than ``target_generate_share + tolerance`` of the
@@ -118,7 +106,7 @@ class AutoscaleSection(_Section):
         return self
 
 
-class RolloutSection(_Section):
+class RolloutSection(Section):
     backend: str = "hf"  # a services/rollout/<name>_backend.py module (services.rollout.registry)
     workers: PositiveInt = 2
     # Prompts per generation request; null: prompts_per_step / workers (rounded up) at start.
@@ -159,7 +147,7 @@ class RolloutSection(_Section):
         return value
 
 
-class RewardSection(_Section):
+class RewardSection(Section):
     scorers: PositiveInt = 1
     format_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
     overlong_buffer: PositiveInt | None = None
@@ -173,104 +161,10 @@ class RewardSection(_Section):
     torch_threads: PositiveInt = 1
 
 
-_HARPO = HarpoConfig()  # the library's defaults: the single source of HarpoSection's
-_HARPO_FIELDS = frozenset(f.name for f in dataclasses.fields(HarpoConfig))
-
-
-class HarpoSection(_Section):
-    """HARPO's knobs: ``HarpoConfig``'s fields with its defaults, validated by it as well.
-
-    ``HarpoConfig.history`` (how many steps the modulator can replay) is not a training knob
-    and stays at its default here (``algorithm.params`` can still set it).
-    """
-
-    beta_rho: Fraction = _HARPO.beta_rho
-    beta_s: Fraction = _HARPO.beta_s
-    task_clamp: tuple[float, float] | None = _HARPO.task_clamp
-    sample_clamp: tuple[float, float] | None = _HARPO.sample_clamp
-    zero_signal: ZeroSignal = _HARPO.zero_signal
-    signal_floor: Annotated[float, Field(gt=0.0)] = _HARPO.signal_floor
-
-    @model_validator(mode="after")
-    def _check_with_core(self):
-        self.to_config()  # clamp ordering and friends, one source of truth
-        return self
-
-    def to_config(self) -> HarpoConfig:
-        return HarpoConfig(**self.model_dump())
-
-
-class AlgorithmSection(_Section):
-    # a registered estimator (harpo_core.available_estimators) or "package.module:function"
-    estimator: str = "harpo"
-    eps: Annotated[float, Field(gt=0.0)] = DEFAULT_EPS
-    std_ddof: Literal[0, 1] = 0
-    harpo: HarpoSection = Field(default_factory=HarpoSection)
-    ema_decay: Fraction = DEFAULT_EMA_DECAY  # ema_grpo's ``decay``
-    # more estimator parameters (a user estimator's, say); they override the fields above
-    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-
-    @field_validator("estimator")
-    @classmethod
-    def _known_estimator(cls, value: str) -> str:
-        estimator_parameters(value)  # a registered name, or a spec that imports
-        return value
-
-    @field_validator("params")
-    @classmethod
-    def _estimator_builds(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """Build the estimator once, so a parameter it does not take is a config error."""
-        if "modulator" in params:
-            raise ValueError("'modulator' is not a config value: the driver gives the estimator "
-                             "the run's HARPO modulator, configured under algorithm.harpo")
-        if not {"estimator", "eps", "std_ddof", "harpo", "ema_decay"} <= info.data.keys():
-            return params  # a field it depends on is invalid and reported on its own
-        name = info.data["estimator"]
-        kwargs = _estimator_params(name, info.data, params)
-        try:
-            make_estimator(name, **kwargs)
-        except ValueError:
-            raise
-        except Exception as exc:  # a user estimator may fail in any way
-            raise ValueError(f"estimator {name!r} cannot be built with {kwargs}: "
-                             f"{type(exc).__name__}: {exc}") from exc
-        return params
-
-    def estimator_params(self, modulator: Any = None) -> dict[str, Any]:
-        """Keyword arguments for ``make_estimator(self.estimator, ...)``.
-
-        An estimator that takes a ``modulator`` (harpo) builds an in-process one from its
-        HarpoConfig fields; given ``modulator`` (e.g. a remote one built from
-        :meth:`modulator_config`), those fields are left out and it is passed instead.
-        """
-        kwargs = _estimator_params(self.estimator, dict(self), self.params)
-        if modulator is None:
-            return kwargs
-        if "modulator" not in estimator_parameters(self.estimator):
-            raise ValueError(f"estimator {self.estimator!r} takes no modulator")
-        kept = {k: v for k, v in kwargs.items() if k not in _HARPO_FIELDS}
-        return kept | {"modulator": modulator}
-
-    def modulator_config(self) -> HarpoConfig:
-        """The HARPO config the estimator's modulator uses: ``harpo`` with ``params``'
-        HarpoConfig fields (``history``, say) on top."""
-        overrides = {k: v for k, v in self.params.items() if k in _HARPO_FIELDS}
-        return HarpoConfig(**(self.harpo.model_dump() | overrides))
-
-
-def _estimator_params(estimator: str, fields: dict[str, Any], params: dict[str, Any]
-                      ) -> dict[str, Any]:
-    """The section's values for the parameters ``estimator`` takes, then ``params`` on top."""
-    candidates = {"eps": fields["eps"], "std_ddof": fields["std_ddof"],
-                  "decay": fields["ema_decay"], **fields["harpo"].model_dump()}
-    accepted = estimator_parameters(estimator)
-    return {k: v for k, v in candidates.items() if k in accepted} | params
-
-
 _LOSS = LossConfig()  # the loss knobs' defaults (and their checks) live in harpo_core
 
 
-class LearnerSection(_Section):
+class LearnerSection(Section):
     workers: PositiveInt = 1
     # How the ranks share the model (a module of services/learner_strategies).
     strategy: str = "ddp"
@@ -322,7 +216,7 @@ class LearnerSection(_Section):
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
-class ObservabilitySection(_Section):
+class ObservabilitySection(Section):
     progress: Literal["auto", "always", "never"] = "auto"
     # Prometheus endpoint of the job (served by the driver); null: off, 0: any free port.
     # The bound address is written to RUN_DIR/endpoints.json.
@@ -330,7 +224,7 @@ class ObservabilitySection(_Section):
     metrics_port: Port | None = 9400
 
 
-class ControlSection(_Section):
+class ControlSection(Section):
     """The gRPC control API (status, modulator, scale, checkpoint, pause/resume, stop)."""
 
     host: str = "127.0.0.1"  # anything but loopback requires a token
@@ -347,7 +241,7 @@ class ControlSection(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
     data: DataSection

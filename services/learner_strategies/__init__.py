@@ -14,46 +14,23 @@ against it without loading torch); :func:`make_strategy` imports the one asked f
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.plugins import Plugins
+
 if TYPE_CHECKING:
     import torch
 
-_REGISTRY: dict[str, type[LearnerStrategy]] = {}
-
-
-def register_strategy(name: str):
-    """Class decorator: register a :class:`LearnerStrategy` under ``name`` (its file's name)."""
-
-    def decorator(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"learner strategy {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def available_strategies() -> list[str]:
-    """Names of the strategies in this package (one module each; nothing is imported)."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
-                  if not m.name.startswith("_"))
+STRATEGIES = Plugins("learner strategy", __name__, decorator="register_strategy")
+register_strategy = STRATEGIES.register
+available_strategies = STRATEGIES.available
 
 
 def make_strategy(name: str, *, rank: int, world_size: int,
                   device: torch.device) -> LearnerStrategy:
-    if name not in available_strategies():
-        raise ValueError(f"unknown learner strategy {name!r}; available: "
-                         f"{available_strategies()}")
-    importlib.import_module(f"{__name__}.{name}")
-    if name not in _REGISTRY:
-        raise ValueError(f"{__name__}.{name} registers no strategy named {name!r}")
-    return _REGISTRY[name](rank=rank, world_size=world_size, device=device)
+    return STRATEGIES.get(name)(rank=rank, world_size=world_size, device=device)
 
 
 class LearnerStrategy:

@@ -43,14 +43,14 @@ class DDPStrategy(LearnerStrategy):
         return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def save(self, model, optimizer, scheduler, directory):
-        from services.learner_core import save_optimizer_state
+        from services.learner_optim import save_optimizer_state
 
         if self.rank == 0:
             model.save_pretrained(str(directory))
             save_optimizer_state(optimizer, scheduler, directory)
 
     def load(self, model, optimizer, scheduler, directory):
-        from services.learner_core import load_optimizer_state
+        from services.learner_optim import load_optimizer_state
 
         saved = AutoModelForCausalLM.from_pretrained(str(Path(directory)), dtype=torch.float32)
         with torch.no_grad():  # in place: the optimizer and DDP keep their parameters

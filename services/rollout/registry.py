@@ -19,18 +19,17 @@ processes, so a backend for ``rollout.backend`` must follow the file-name conven
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING
 
-import services.rollout as _package
+from services.plugins import Plugins
 
 if TYPE_CHECKING:
     from services.rollout.backend import RolloutBackend
 
-MODULE_SUFFIX = "_backend"
-
-_REGISTRY: dict[str, type] = {}
+BACKENDS = Plugins("rollout backend", "services.rollout", suffix="_backend",
+                   decorator="register_backend")
+available_backends = BACKENDS.available
+backend_class = BACKENDS.get
 
 
 def register_backend(name: str):
@@ -41,46 +40,9 @@ def register_backend(name: str):
         if not callable(getattr(cls, "from_options", None)):
             raise TypeError(f"rollout backend {name!r} ({cls.__qualname__}) needs a classmethod "
                             "from_options(model_dir, options)")
-        existing = _REGISTRY.get(name)
-        # the same class seen again (its module re-imported) is fine; a second class is not
-        if existing is not None and (existing.__module__, existing.__qualname__) != (
-                cls.__module__, cls.__qualname__):
-            raise ValueError(f"rollout backend {name!r} is already registered "
-                             f"({existing.__module__}.{existing.__qualname__})")
-        _REGISTRY[name] = cls
-        return cls
+        return BACKENDS.register(name)(cls)
 
     return decorator
-
-
-def _module_names() -> dict[str, str]:
-    """Backend name -> module name, for every ``*_backend`` module of the package (read from
-    the package's ``__path__`` at each call, nothing imported)."""
-    found = {}
-    for module in pkgutil.iter_modules(_package.__path__):
-        name = module.name.removesuffix(MODULE_SUFFIX)
-        if module.name.endswith(MODULE_SUFFIX) and name:
-            found[name] = f"{_package.__name__}.{module.name}"
-    return found
-
-
-def available_backends() -> list[str]:
-    """Names of the rollout backends, sorted; no backend module is imported."""
-    return sorted(_module_names().keys() | _REGISTRY.keys())
-
-
-def backend_class(name: str) -> type:
-    """The class registered as ``name``, importing its module if it is not loaded yet."""
-    if name not in _REGISTRY:
-        module = _module_names().get(name)
-        if module is None:
-            raise ValueError(f"unknown rollout backend {name!r}; available: "
-                             f"{available_backends()}")
-        importlib.import_module(module)
-        if name not in _REGISTRY:
-            raise ValueError(f"module {module} registers no rollout backend named {name!r} "
-                             f"(decorate its class with @register_backend({name!r}))")
-    return _REGISTRY[name]
 
 
 def make_backend(name: str, model_dir: str, options: dict | None = None) -> RolloutBackend:

@@ -21,11 +21,10 @@ importing them (the run configuration validates ``rollout.weight_sync`` against 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from services.plugins import Plugins
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from services.learner import LearnerGroup
     from services.learner_core import LearnerCore
 
-_REGISTRY: dict[str, type[WeightSync]] = {}
+WEIGHT_SYNCS = Plugins("weight sync", __name__, decorator="register_weight_sync")
 
 
 @dataclass(frozen=True)
@@ -44,32 +43,12 @@ class WeightHandle:
     payload: Any  # transport-specific: an object ref, a group address, ...
 
 
-def register_weight_sync(name: str):
-    """Class decorator: register a :class:`WeightSync` under ``name`` (its file's name)."""
-
-    def decorator(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"weight sync {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def available_weight_syncs() -> list[str]:
-    """Names of the transports in this package (one module each; nothing is imported)."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
-                  if not m.name.startswith("_"))
+register_weight_sync = WEIGHT_SYNCS.register
+available_weight_syncs = WEIGHT_SYNCS.available
 
 
 def make_weight_sync(name: str) -> WeightSync:
-    if name not in available_weight_syncs():
-        raise ValueError(f"unknown weight sync {name!r}; available: {available_weight_syncs()}")
-    importlib.import_module(f"{__name__}.{name}")
-    if name not in _REGISTRY:
-        raise ValueError(f"{__name__}.{name} registers no weight sync named {name!r}")
-    return _REGISTRY[name]()
+    return WEIGHT_SYNCS.get(name)()
 
 
 class WeightSync:

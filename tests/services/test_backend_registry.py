@@ -15,7 +15,7 @@ from services.rollout.registry import available_backends, backend_class, make_ba
 def scratch_registry(monkeypatch, tmp_path):
     """The registry and the package path as a test may change them, restored afterwards;
     ``tmp_path`` joins the package's path, so a module written there is a backend module."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.BACKENDS, "_classes", dict(registry.BACKENDS._classes))
     monkeypatch.setattr(services.rollout, "__path__", [*services.rollout.__path__, str(tmp_path)])
     yield tmp_path
     for name in [m for m in sys.modules if m.startswith("services.rollout.scratch")]:

@@ -109,7 +109,7 @@ def test_harpo_section_is_harpo_config_with_its_defaults():
     import dataclasses
 
     from harpo_core import HarpoConfig
-    from services.config import HarpoSection
+    from services.config_algorithm import HarpoSection
 
     core = {f.name: f.default for f in dataclasses.fields(HarpoConfig)}
     section = HarpoSection().model_dump()

@@ -13,7 +13,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from harpo_core.losses import LossConfig
 from services.config import ConfigError, LearnerSection, parse_config
-from services.learner_core import LearnerCore, lr_factor, shard_batch
+from services.learner_core import LearnerCore, shard_batch
+from services.learner_optim import lr_factor
 from services.learner_strategies import available_strategies, make_strategy
 
 BATCH, SEQ_LEN, VOCAB = 8, 12, 64
