@@ -77,7 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # SIGTERM (a Kubernetes pod eviction, `ray job stop`) stops gracefully: the step in
     # flight finishes and a checkpoint is written, as with `harpo stop`.
     signal.signal(signal.SIGTERM, lambda *_: trainer.control.request_stop())
-    for name, address in trainer.endpoints.items():
+    for name, address in trainer.endpoints.addresses.items():
         print(f"{name} endpoint: {address}", flush=True)
     try:
         rows = trainer.run()
