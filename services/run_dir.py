@@ -11,7 +11,7 @@
         step-000010/                 state after 10 completed steps
           model/                     HF format (safetensors) + tokenizer, and the
                                      optimizer state (optimizer.safetensors, optimizer.json)
-          modulator.json, sampler.json, trainer.json
+          estimator.json, sampler.json, trainer.json
           MANIFEST.json              sha256 of every file, written last
 
 A checkpoint is written into a temporary directory and renamed into place, so a crash leaves
