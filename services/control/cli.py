@@ -113,16 +113,30 @@ def format_modulator(m: dict) -> str:
                 "yet")
     columns = ("task", "factor", "unclamped", "signal", "signal ema", "batch share",
                "zero-signal groups")
-    rows = [(name, _num(t["factor"]), _num(t["unclamped_factor"]), _num(t["signal"], ".4g"),
-             _num(t["signal_ema"], ".4g"), _num(t["batch_share"]), str(t["zero_signal_groups"]))
-            for name, t in sorted(m["tasks"].items())]
+    full = any("last_update_step" in t for t in m["tasks"].values())  # harpo's trainer says
+    if full:
+        columns += ("last update",)
+    rows = []
+    for name, t in sorted(m["tasks"].items()):
+        here = t.get("in_batch", True)  # signal, share and zero groups are this batch's
+        row = (name, _num(t["factor"]), _num(t["unclamped_factor"]),
+               _num(t["signal"], ".4g") if here else "-", _num(t["signal_ema"], ".4g"),
+               _num(t["batch_share"]) if here else "-",
+               str(t["zero_signal_groups"]) if here else "-")
+        if full:
+            step = t.get("last_update_step")
+            row += ("-" if step is None else f"step {step}",)
+        rows.append(row)
     widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
 
     def line(cells):
         return "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
                          for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return "\n".join([head, line(columns), *(line(r) for r in rows)])
+    lines = [head, line(columns), *(line(r) for r in rows)]
+    if full:
+        lines.append("(- in signal, batch share, zero-signal groups: not in this step's batch)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -197,7 +211,10 @@ def add_parsers(subparsers) -> None:
         return p
 
     add("status", "state, progress and throughput of a running job", cmd_status)
-    add("modulator", "per-task HARPO factors and signals of a running job", cmd_modulator)
+    add("modulator", "per-task HARPO factors and signals of a running job", cmd_modulator,
+        "The modulator's state for every task it holds state for (factor, unclamped factor, "
+        "signal EMA, the step of its last update), and this step's signal and batch share for "
+        "the tasks in the last batch.")
     p = add("scale", "resize a running job's rollout worker pool", cmd_scale)
     p.add_argument("--rollout", type=positive_int, required=True, metavar="N",
                    help="rollout workers to run")

@@ -232,12 +232,18 @@ class ControlClient:
 
     def modulator_state(self) -> dict:
         r = self._call("GetModulatorState", pb.GetModulatorStateRequest(), self.timeout)
-        tasks = {
-            name: {"factor": t.factor, "unclamped_factor": t.unclamped_factor,
-                   "signal": t.signal,
-                   "signal_ema": t.signal_ema if t.HasField("signal_ema") else None,
-                   "batch_share": t.batch_share, "zero_signal_groups": t.zero_signal_groups}
-            for name, t in sorted(r.tasks.items())}
+        tasks = {}
+        for name, t in sorted(r.tasks.items()):
+            task = {"factor": t.factor, "unclamped_factor": t.unclamped_factor,
+                    "signal": t.signal,
+                    "signal_ema": t.signal_ema if t.HasField("signal_ema") else None,
+                    "batch_share": t.batch_share, "zero_signal_groups": t.zero_signal_groups}
+            # reported by harpo's own trainer; absent (not None) from a job that does not
+            if t.HasField("in_batch"):
+                task["in_batch"] = t.in_batch
+                task["last_update_step"] = (t.last_update_step
+                                            if t.HasField("last_update_step") else None)
+            tasks[name] = task
         return {"step": r.step, "reference": r.reference if r.HasField("reference") else None,
                 "tasks": tasks}
 

@@ -197,6 +197,10 @@ class _Servicer(pb_grpc.HarpoControlServicer):
                     task.signal_ema = float(t["signal_ema"])
                 task.batch_share = float(t["batch_share"])
                 task.zero_signal_groups = int(t["zero_signal_groups"])
+                if t.get("last_update_step") is not None:
+                    task.last_update_step = int(t["last_update_step"])
+                if t.get("in_batch") is not None:
+                    task.in_batch = bool(t["in_batch"])
             return reply
 
         return self._run(context, "GetModulatorState", call)
