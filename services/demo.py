@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from services.config import TrainConfig, parse_config
-from services.tiny.tasks import suite_fingerprint
 
 # From the 300-step warm start below, 40 RL steps raise the sampled reward of all three
 # half-learned tasks (two seeds); 60 add little on them and cost the greedy answers of emotion.
@@ -64,6 +63,8 @@ def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int,
 def _saved_sft_matches(sft_dir: Path, steps: int) -> bool:
     """Whether ``sft_dir`` holds a complete warm start made with the demo's settings on the
     current version of the task suite."""
+    from services.tiny.tasks import suite_fingerprint  # loads the task suite: only when asked
+
     path = sft_dir / "sft_metrics.json"
     if not (sft_dir / "model.safetensors").is_file() or not path.is_file():
         return False
