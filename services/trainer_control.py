@@ -179,7 +179,10 @@ class TrainerControl:
             future.set_exception(exc)
 
     def after_step(self, row: dict, modulation) -> None:
-        """Snapshot what the read-only calls return."""
+        """Snapshot what the read-only calls return (the row first: reading the estimator's
+        state after the first step takes a moment, and status must not lag behind it)."""
+        with self._lock:
+            self._last_row = row
         if modulation is not None:
             step = row["step"]
             last = self._modulator["step"]
@@ -205,7 +208,6 @@ class TrainerControl:
                     task["last_update_step"] = step
             tasks = {n: dict(t) for n, t in self._tasks.items()}
         with self._lock:
-            self._last_row = row
             if modulation is not None:
                 reference = None if math.isnan(modulation.reference) else modulation.reference
                 self._modulator = {"step": row["step"], "reference": reference, "tasks": tasks,
