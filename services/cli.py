@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from services.cli_args import positive_int
+from services.cli_args import port_number, positive_int
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -145,7 +145,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     # the defaults live in services/demo.py, imported only when the command runs
     run_demo(args.workdir, steps=args.steps or RL_STEPS, sft_steps=args.sft_steps or SFT_STEPS,
-             sft_seconds=args.sft_seconds, address=args.address)
+             sft_seconds=args.sft_seconds, address=args.address,
+             endpoints={"metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
+                        "control_host": args.control_host, "control_port": args.control_port})
     return 0
 
 
@@ -232,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional safety cap on the warm start's time (a capped run is not "
                         "reproducible)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    for name, what in (("metrics", "the Prometheus endpoint"), ("control", "the control API")):
+        p.add_argument(f"--{name}-port", type=port_number, default=None, metavar="PORT",
+                       help=f"port of {what} (default 0: any free port, shown at start)")
+        p.add_argument(f"--{name}-host", default=None, metavar="HOST",
+                       help=f"address {what} binds to (default 127.0.0.1)")
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("init-tiny", help="build a tiny Qwen2 model and the synthetic task suite")

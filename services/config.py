@@ -8,6 +8,7 @@ the field, the value given and what is allowed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,7 @@ from pydantic import (
 from harpo_core.loss_config import AGGREGATIONS, KL_ESTIMATORS, LossConfig
 from harpo_core.rewards import RewardConfig
 from services.config_algorithm import AlgorithmSection
-from services.config_base import Fraction, PositiveInt, Section
+from services.config_base import Fraction, PositiveInt, Section, is_loopback
 from services.learner_strategies import available_strategies
 from services.rollout.registry import available_backends
 from services.weight_sync import available_weight_syncs
@@ -218,17 +219,18 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 
 class ObservabilitySection(Section):
     progress: Literal["auto", "always", "never"] = "auto"
-    # Prometheus endpoint of the job (served by the driver); null: off, 0: any free port.
-    # The bound address is written to RUN_DIR/endpoints.json.
-    metrics_host: str = "0.0.0.0"
-    metrics_port: Port | None = 9400
+    # Prometheus endpoint of the job (served by the driver); null: off, 0: any free port (the
+    # default, so jobs on one machine never collide). Loopback unless set: the Helm chart and
+    # k8s/ set 0.0.0.0 and a fixed port for Prometheus. The bound address goes to endpoints.json.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port | None = 0
 
 
 class ControlSection(Section):
     """The gRPC control API (status, modulator, scale, checkpoint, pause/resume, stop)."""
 
     host: str = "127.0.0.1"  # anything but loopback requires a token
-    port: Port | None = 50051  # null: off, 0: any free port
+    port: Port | None = 0  # null: off, 0: any free port (the default)
     token_file: Path | None = None
     token_env: str = "HARPO_CONTROL_TOKEN"  # read when token_file is not set
     tls_cert: Path | None = None
@@ -239,6 +241,23 @@ class ControlSection(Section):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("control.tls_cert and control.tls_key must be given together")
         return self
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self):
+        """A token source counts when ``token_file`` is set, when the variable ``token_env``
+        names is set here, or when the config names ``token_env`` explicitly (a deployment that
+        puts the secret into the driver's environment, validated first elsewhere by ``harpo
+        submit``); the driver checks the token itself again before it builds any actor."""
+        if self.port is None or is_loopback(self.host) or self.token_file is not None:
+            return self
+        if self.token_env and ("token_env" in self.model_fields_set
+                               or os.environ.get(self.token_env, "").strip()):
+            return self
+        raise ValueError(
+            f"control.host {self.host!r} is not loopback, so the control API needs a token "
+            f"(anyone who reaches the port could stop or rescale the job): set "
+            f"control.token_file, or export ${self.token_env or 'HARPO_CONTROL_TOKEN'} "
+            f"(control.token_env), or use control.host: 127.0.0.1")
 
 
 class TrainConfig(Section):

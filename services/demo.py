@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from services.config import TrainConfig, parse_config
-from services.tiny.tasks import suite_fingerprint
 
 # From the 300-step warm start below, 40 RL steps raise the sampled reward of all three
 # half-learned tasks (two seeds); 60 add little on them and cost the greedy answers of emotion.
@@ -33,7 +32,14 @@ SFT_STEPS = 300
 SFT_SETTINGS = {"lr": 1e-2, "warmup_steps": 20, "batch_size": 32, "seed": 0, "num_threads": 2}
 
 
-def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int) -> TrainConfig:
+def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int,
+                endpoints: dict | None = None) -> TrainConfig:
+    """``endpoints``: ``metrics_host``/``metrics_port``/``control_host``/``control_port``
+    (None or absent: the defaults, loopback and any free port)."""
+    given = {k: v for k, v in (endpoints or {}).items() if v is not None}
+    observability = {k: given[k] for k in ("metrics_host", "metrics_port") if k in given}
+    control = {k.removeprefix("control_"): given[k] for k in ("control_host", "control_port")
+               if k in given}
     return parse_config({
         "run": {"name": "demo", "output_dir": str(run_dir), "steps": steps,
                 "checkpoint_every": 0, "seed": 0},
@@ -49,12 +55,16 @@ def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int) -> T
         "algorithm": {"estimator": "harpo"},
         "learner": {"workers": 1, "lr": 3e-4, "mini_batch_prompts": 14, "ppo_epochs": 1,
                     "warmup_steps": 2, "torch_threads": 2},
+        "observability": observability,
+        "control": control,
     }, source="demo config")
 
 
 def _saved_sft_matches(sft_dir: Path, steps: int) -> bool:
     """Whether ``sft_dir`` holds a complete warm start made with the demo's settings on the
     current version of the task suite."""
+    from services.tiny.tasks import suite_fingerprint  # loads the task suite: only when asked
+
     path = sft_dir / "sft_metrics.json"
     if not (sft_dir / "model.safetensors").is_file() or not path.is_file():
         return False
@@ -91,9 +101,10 @@ def format_report(before: dict, after: dict, factors: dict[str, float],
 
 def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
              sft_steps: int = SFT_STEPS, sft_seconds: float | None = None,
-             address: str | None = None) -> dict:
+             address: str | None = None, endpoints: dict | None = None) -> dict:
     """Assets, warm start (``sft_steps`` steps; ``sft_seconds`` is an optional safety cap
-    that makes the run irreproducible when it bites), ``steps`` HARPO steps, report."""
+    that makes the run irreproducible when it bites), ``steps`` HARPO steps, report.
+    ``endpoints``: hosts and ports of metrics and control (``demo_config``)."""
     from services.cluster import connect
     from services.tiny.model import init_tiny
     from services.tiny.sft import sft
@@ -112,7 +123,7 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
         if metrics["stopped_early"]:
             print(f"warning: the warm start hit --sft-seconds after {metrics['steps']} of "
                   f"{sft_steps} steps; this run is not reproducible", flush=True)
-    config = demo_config(sft_dir, assets.data_dir, workdir / "run", steps)
+    config = demo_config(sft_dir, assets.data_dir, workdir / "run", steps, endpoints)
     (workdir / "demo.yaml").write_text(config.to_yaml())
     print(f"[3/4] HARPO RL for {steps} steps on Ray (config: {workdir / 'demo.yaml'})",
           flush=True)
@@ -120,6 +131,11 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
     from services.controller import Trainer
 
     trainer = Trainer(config)
+    for name, where in trainer.endpoints.addresses.items():
+        print(f"      {name} endpoint: {where}", flush=True)
+    if "control" in trainer.endpoints.addresses:
+        print(f"      watch it: harpo status --run {config.run.output_dir}", flush=True)
+
     def evaluate() -> dict:
         return {"greedy": trainer.evaluate(),
                 "sampled": trainer.evaluate(per_task=EVAL_SAMPLED_PROMPTS, samples=EVAL_SAMPLES,

@@ -5,6 +5,11 @@ mid-flight and the modulator has been told about the step. So commands are queue
 training loop runs them between steps (:meth:`TrainerControl.serve`), answering each call's
 future. Reads (status, modulator state) never wait for the loop: they return the snapshot taken
 after the last step.
+
+The modulator snapshot covers every task the modulator holds state for, not only the last
+batch's: each step's answer updates the tasks in it, and the first snapshot (and the first after
+a restart rewound the steps) starts from the estimator's own state, read once on the loop's
+thread between steps.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class TrainerControl:
         self._stop_futures: list[Future] = []
         self._last_row: dict = {}
         self._modulator: dict = {"step": None, "reference": None, "tasks": {}}
+        self._tasks: dict[str, dict] = {}  # every task's modulator state, by name
+        self._seeded_at: int | None = None  # step after which _tasks was read from the estimator
 
     # ------------------------------------------------------------------ RPC side (any thread)
 
@@ -78,7 +85,8 @@ class TrainerControl:
 
     def modulator_state(self) -> dict:
         with self._lock:
-            return {**self._modulator, "tasks": dict(self._modulator["tasks"])}
+            return {**self._modulator,
+                    "tasks": {n: dict(t) for n, t in self._modulator["tasks"].items()}}
 
     def scale_rollouts(self, workers: int) -> dict:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -171,25 +179,65 @@ class TrainerControl:
             future.set_exception(exc)
 
     def after_step(self, row: dict, modulation) -> None:
-        """Snapshot what the read-only calls return."""
-        tasks = {}
-        if modulation is not None:
-            for name in modulation.tasks:
-                log_factor = modulation.task_log_factors.get(name, 0.0)
-                tasks[name] = {
-                    "factor": modulation.task_factors[name],
-                    "unclamped_factor": math.exp(log_factor),
-                    "signal": modulation.task_signals.get(name, 0.0),
-                    "signal_ema": modulation.task_ema.get(name),
-                    "batch_share": row.get("batch_share", {}).get(name, 0.0),
-                    "zero_signal_groups": int(modulation.zero_signal_groups.get(name, 0)),
-                }
+        """Snapshot what the read-only calls return (the row first: reading the estimator's
+        state after the first step takes a moment, and status must not lag behind it)."""
         with self._lock:
             self._last_row = row
+        if modulation is not None:
+            step = row["step"]
+            last = self._modulator["step"]
+            if last is None or step <= last:  # the first step, or a restart rewound the run
+                self._tasks = self._estimator_tasks()
+            in_batch = set(modulation.tasks)
+            for name, task in self._tasks.items():
+                if name not in in_batch:
+                    task.update(in_batch=False, signal=0.0, batch_share=0.0,
+                                zero_signal_groups=0)
+            active = set(getattr(modulation, "active_tasks", modulation.tasks))
+            for name in modulation.tasks:
+                task = self._tasks.setdefault(name, {"last_update_step": None})
+                task.update(
+                    factor=modulation.task_factors[name],
+                    unclamped_factor=math.exp(modulation.task_log_factors.get(name, 0.0)),
+                    signal=modulation.task_signals.get(name, 0.0),
+                    signal_ema=modulation.task_ema.get(name),
+                    batch_share=row.get("batch_share", {}).get(name, 0.0),
+                    zero_signal_groups=int(modulation.zero_signal_groups.get(name, 0)),
+                    in_batch=True)
+                if name in active:  # the modulator updates a task's state only when active
+                    task["last_update_step"] = step
+            tasks = {n: dict(t) for n, t in self._tasks.items()}
+        with self._lock:
             if modulation is not None:
                 reference = None if math.isnan(modulation.reference) else modulation.reference
                 self._modulator = {"step": row["step"], "reference": reference, "tasks": tasks,
                                    "updated_at": time.time()}
+
+    def _estimator_tasks(self) -> dict[str, dict]:
+        """Every task in the HARPO modulator's state (``HarpoModulator.state_dict``), with the
+        step of its last update where the replay history still holds it (else None)."""
+        estimator = getattr(getattr(self._driver, "actors", None), "estimator", None)
+        try:
+            state = estimator.state_dict() if estimator is not None else {}
+            saved = state.get("tasks") or {}
+            clamp = (state.get("config") or {}).get("task_clamp")
+        except Exception:  # noqa: BLE001 - a snapshot is a nicety: never fail a step for it
+            return {}
+        if not isinstance(saved, dict):
+            return {}
+        last_update = {}
+        for entry in state.get("history") or ():
+            for name in entry.get("result", {}).get("active_tasks", ()):
+                last_update[name] = entry.get("step")
+        tasks = {}
+        for name, saved_task in saved.items():
+            unclamped = math.exp(float(saved_task.get("log_factor", 0.0)))
+            factor = min(max(unclamped, clamp[0]), clamp[1]) if clamp else unclamped
+            tasks[name] = {"factor": factor, "unclamped_factor": unclamped, "signal": 0.0,
+                           "signal_ema": saved_task.get("rho"), "batch_share": 0.0,
+                           "zero_signal_groups": 0, "in_batch": False,
+                           "last_update_step": last_update.get(name)}
+        return tasks
 
     def stopped(self, checkpoint) -> None:
         for future in self._stop_futures:

@@ -3,6 +3,10 @@
 Each command finds the job with ``--control HOST:PORT``, else ``--run RUN_DIR`` (its
 ``endpoints.json``), else 127.0.0.1:50051, and prints a short readable answer (``--json`` for
 scripts). Errors are ValueErrors, which ``services.cli.main`` prints as ``harpo: error: ...``.
+
+Through ``--run`` a command only ever acts on that run: the run id in endpoints.json goes with
+every call and a server of another run refuses it. scale, pause, checkpoint and stop wait for the
+step in flight (``--timeout``, default an hour) and say so on stderr while they wait.
 """
 
 from __future__ import annotations
@@ -29,12 +33,19 @@ def _connect_args() -> argparse.ArgumentParser:
     g.add_argument("--tls-ca", metavar="PEM",
                    help="CA (or self-signed) certificate, when the job serves TLS")
     g.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="give up after this long (default: 10 s; checkpoint and stop: no limit)")
+                   help="give up after this long (default: 10 s for status, modulator and "
+                        "resume; 3600 s for scale, pause, checkpoint and stop, which wait for "
+                        "the step in flight)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
 
 # ---------------------------------------------------------------------------- plumbing
+
+
+def _waiting(seconds: float) -> None:
+    print(f"... still waiting for the step in flight ({seconds:.0f} s)", file=sys.stderr,
+          flush=True)
 
 
 def _call(args: argparse.Namespace, method: str, *call_args):
@@ -43,26 +54,32 @@ def _call(args: argparse.Namespace, method: str, *call_args):
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     import grpc
 
-    from services.control.client import (
-        DEFAULT_TIMEOUT,
-        ControlClient,
-        ControlError,
-        resolve_endpoint,
-    )
+    from services.control import client as control_client
     from services.control.server import resolve_token
 
-    address = resolve_endpoint(args.control, args.run)
+    run_id = None
+    if args.control:
+        address = control_client.resolve_endpoint(args.control, None)
+    elif args.run:
+        address = control_client.resolve_endpoint(None, args.run)
+        run_id = control_client.read_endpoints(args.run).get("run_id")
+    else:
+        address = control_client.DEFAULT_ADDRESS
     token = resolve_token(args.token_file, TOKEN_ENV)
-    timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT
-    with ControlClient(address, token=token, tls_ca=args.tls_ca, timeout=timeout,
-                       wait_timeout=args.timeout) as client:
+    # read at each call, so a test can shorten them
+    timeout = args.timeout if args.timeout is not None else control_client.DEFAULT_TIMEOUT
+    wait = args.timeout if args.timeout is not None else control_client.DEFAULT_WAIT_TIMEOUT
+    with control_client.ControlClient(
+            address, token=token, tls_ca=args.tls_ca, timeout=timeout, wait_timeout=wait,
+            run_id=run_id, run_dir=args.run, on_wait=_waiting,
+            progress_every=control_client.PROGRESS_EVERY) as client:
         try:
             return getattr(client, method)(*call_args)
-        except ControlError as exc:
+        except control_client.ControlError as exc:
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                 hint = ("give the job's token with --token-file FILE or $" + TOKEN_ENV
                         if token is None else "check the token given")
-                raise ControlError(f"{exc} ({hint})", exc.code) from None
+                raise control_client.ControlError(f"{exc} ({hint})", exc.code) from None
             raise
 
 
@@ -96,16 +113,30 @@ def format_modulator(m: dict) -> str:
                 "yet")
     columns = ("task", "factor", "unclamped", "signal", "signal ema", "batch share",
                "zero-signal groups")
-    rows = [(name, _num(t["factor"]), _num(t["unclamped_factor"]), _num(t["signal"], ".4g"),
-             _num(t["signal_ema"], ".4g"), _num(t["batch_share"]), str(t["zero_signal_groups"]))
-            for name, t in sorted(m["tasks"].items())]
+    full = any("last_update_step" in t for t in m["tasks"].values())  # harpo's trainer says
+    if full:
+        columns += ("last update",)
+    rows = []
+    for name, t in sorted(m["tasks"].items()):
+        here = t.get("in_batch", True)  # signal, share and zero groups are this batch's
+        row = (name, _num(t["factor"]), _num(t["unclamped_factor"]),
+               _num(t["signal"], ".4g") if here else "-", _num(t["signal_ema"], ".4g"),
+               _num(t["batch_share"]) if here else "-",
+               str(t["zero_signal_groups"]) if here else "-")
+        if full:
+            step = t.get("last_update_step")
+            row += ("-" if step is None else f"step {step}",)
+        rows.append(row)
     widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
 
     def line(cells):
         return "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
                          for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return "\n".join([head, line(columns), *(line(r) for r in rows)])
+    lines = [head, line(columns), *(line(r) for r in rows)]
+    if full:
+        lines.append("(- in signal, batch share, zero-signal groups: not in this step's batch)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -121,18 +152,24 @@ def cmd_modulator(args: argparse.Namespace) -> int:
     return _emit(args, m, format_modulator(m))
 
 
+def _announce(what: str) -> None:
+    print(what, file=sys.stderr, flush=True)
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
+    _announce(f"asking for {args.rollout} rollout workers; waiting for the step in flight...")
     r = _call(args, "scale_rollouts", args.rollout)
     return _emit(args, r, f"rollout workers: {r['previous']} -> {r['target']}")
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    print("waiting for the checkpoint to be written...", file=sys.stderr, flush=True)
+    _announce("waiting for the step in flight, then for the checkpoint to be written...")
     r = _call(args, "checkpoint")
     return _emit(args, r, f"checkpoint written: {r['path']}")
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
+    _announce("pausing: waiting for the step in flight...")
     _call(args, "pause")
     return _emit(args, {"state": "paused"}, "paused (continue with: harpo resume)")
 
@@ -155,8 +192,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if args.address:
         raise ValueError("--address (a Ray dashboard) only goes with a JOB id; without one, stop "
                          "reaches the job through its control API (--control or --run)")
-    print("waiting for the job to finish its step and write its last checkpoint...",
-          file=sys.stderr, flush=True)
+    _announce("waiting for the job to finish its step and write its last checkpoint...")
     r = _call(args, "stop")
     return _emit(args, r, f"stopped; final checkpoint: {r['checkpoint']}")
 
@@ -175,7 +211,10 @@ def add_parsers(subparsers) -> None:
         return p
 
     add("status", "state, progress and throughput of a running job", cmd_status)
-    add("modulator", "per-task HARPO factors and signals of a running job", cmd_modulator)
+    add("modulator", "per-task HARPO factors and signals of a running job", cmd_modulator,
+        "The modulator's state for every task it holds state for (factor, unclamped factor, "
+        "signal EMA, the step of its last update), and this step's signal and batch share for "
+        "the tasks in the last batch.")
     p = add("scale", "resize a running job's rollout worker pool", cmd_scale)
     p.add_argument("--rollout", type=positive_int, required=True, metavar="N",
                    help="rollout workers to run")

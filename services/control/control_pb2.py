@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eservices/control/control.proto\x12\x10harpo.control.v1\"\x12\n\x10GetStatusRequest\"\xf3\x01\n\x11GetStatusResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.harpo.control.v1.JobState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x17\n\x0frollout_workers\x18\x06 \x01(\x05\x12\x16\n\x0erollouts_per_s\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x13\n\x0blast_step_s\x18\t \x01(\x01\x12\x0f\n\x07run_dir\x18\n \x01(\t\"\x1a\n\x18GetModulatorStateRequest\"\xa3\x01\n\x0eTaskModulation\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\x01\x12\x18\n\x10unclamped_factor\x18\x02 \x01(\x01\x12\x0e\n\x06signal\x18\x03 \x01(\x01\x12\x17\n\nsignal_ema\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0b\x62\x61tch_share\x18\x05 \x01(\x01\x12\x1a\n\x12zero_signal_groups\x18\x06 \x01(\x03\x42\r\n\x0b_signal_ema\"\xe6\x01\n\x19GetModulatorStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\treference\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x45\n\x05tasks\x18\x03 \x03(\x0b\x32\x36.harpo.control.v1.GetModulatorStateResponse.TasksEntry\x1aN\n\nTasksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .harpo.control.v1.TaskModulation:\x02\x38\x01\x42\x0c\n\n_reference\"8\n\x14ScaleRolloutsRequest\x12\x14\n\x07workers\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_workers\"9\n\x15ScaleRolloutsResponse\x12\x10\n\x08previous\x18\x01 \x01(\x05\x12\x0e\n\x06target\x18\x02 \x01(\x05\"\x13\n\x11\x43heckpointRequest\"\"\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x0e\n\x0cPauseRequest\"\x0f\n\rPauseResponse\"\x0f\n\rResumeRequest\"\x10\n\x0eResumeResponse\"\r\n\x0bStopRequest\"\"\n\x0cStopResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\t*\xb0\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATE_STARTING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x14\n\x10JOB_STATE_PAUSED\x10\x03\x12\x16\n\x12JOB_STATE_STOPPING\x10\x04\x12\x16\n\x12JOB_STATE_FINISHED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x32\xeb\x04\n\x0cHarpoControl\x12T\n\tGetStatus\x12\".harpo.control.v1.GetStatusRequest\x1a#.harpo.control.v1.GetStatusResponse\x12l\n\x11GetModulatorState\x12*.harpo.control.v1.GetModulatorStateRequest\x1a+.harpo.control.v1.GetModulatorStateResponse\x12`\n\rScaleRollouts\x12&.harpo.control.v1.ScaleRolloutsRequest\x1a\'.harpo.control.v1.ScaleRolloutsResponse\x12W\n\nCheckpoint\x12#.harpo.control.v1.CheckpointRequest\x1a$.harpo.control.v1.CheckpointResponse\x12H\n\x05Pause\x12\x1e.harpo.control.v1.PauseRequest\x1a\x1f.harpo.control.v1.PauseResponse\x12K\n\x06Resume\x12\x1f.harpo.control.v1.ResumeRequest\x1a .harpo.control.v1.ResumeResponse\x12\x45\n\x04Stop\x12\x1d.harpo.control.v1.StopRequest\x1a\x1e.harpo.control.v1.StopResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eservices/control/control.proto\x12\x10harpo.control.v1\"\x12\n\x10GetStatusRequest\"\xf3\x01\n\x11GetStatusResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.harpo.control.v1.JobState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x17\n\x0frollout_workers\x18\x06 \x01(\x05\x12\x16\n\x0erollouts_per_s\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x13\n\x0blast_step_s\x18\t \x01(\x01\x12\x0f\n\x07run_dir\x18\n \x01(\t\"\x1a\n\x18GetModulatorStateRequest\"\xfb\x01\n\x0eTaskModulation\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\x01\x12\x18\n\x10unclamped_factor\x18\x02 \x01(\x01\x12\x0e\n\x06signal\x18\x03 \x01(\x01\x12\x17\n\nsignal_ema\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0b\x62\x61tch_share\x18\x05 \x01(\x01\x12\x1a\n\x12zero_signal_groups\x18\x06 \x01(\x03\x12\x1d\n\x10last_update_step\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\x08in_batch\x18\x08 \x01(\x08H\x02\x88\x01\x01\x42\r\n\x0b_signal_emaB\x13\n\x11_last_update_stepB\x0b\n\t_in_batch\"\xe6\x01\n\x19GetModulatorStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\treference\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x45\n\x05tasks\x18\x03 \x03(\x0b\x32\x36.harpo.control.v1.GetModulatorStateResponse.TasksEntry\x1aN\n\nTasksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .harpo.control.v1.TaskModulation:\x02\x38\x01\x42\x0c\n\n_reference\"8\n\x14ScaleRolloutsRequest\x12\x14\n\x07workers\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_workers\"9\n\x15ScaleRolloutsResponse\x12\x10\n\x08previous\x18\x01 \x01(\x05\x12\x0e\n\x06target\x18\x02 \x01(\x05\"\x13\n\x11\x43heckpointRequest\"\"\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x0e\n\x0cPauseRequest\"\x0f\n\rPauseResponse\"\x0f\n\rResumeRequest\"\x10\n\x0eResumeResponse\"\r\n\x0bStopRequest\"\"\n\x0cStopResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\t*\xb0\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATE_STARTING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x14\n\x10JOB_STATE_PAUSED\x10\x03\x12\x16\n\x12JOB_STATE_STOPPING\x10\x04\x12\x16\n\x12JOB_STATE_FINISHED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x32\xeb\x04\n\x0cHarpoControl\x12T\n\tGetStatus\x12\".harpo.control.v1.GetStatusRequest\x1a#.harpo.control.v1.GetStatusResponse\x12l\n\x11GetModulatorState\x12*.harpo.control.v1.GetModulatorStateRequest\x1a+.harpo.control.v1.GetModulatorStateResponse\x12`\n\rScaleRollouts\x12&.harpo.control.v1.ScaleRolloutsRequest\x1a\'.harpo.control.v1.ScaleRolloutsResponse\x12W\n\nCheckpoint\x12#.harpo.control.v1.CheckpointRequest\x1a$.harpo.control.v1.CheckpointResponse\x12H\n\x05Pause\x12\x1e.harpo.control.v1.PauseRequest\x1a\x1f.harpo.control.v1.PauseResponse\x12K\n\x06Resume\x12\x1f.harpo.control.v1.ResumeRequest\x1a .harpo.control.v1.ResumeResponse\x12\x45\n\x04Stop\x12\x1d.harpo.control.v1.StopRequest\x1a\x1e.harpo.control.v1.StopResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETMODULATORSTATERESPONSE_TASKSENTRY']._loaded_options = None
   _globals['_GETMODULATORSTATERESPONSE_TASKSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1039
-  _globals['_JOBSTATE']._serialized_end=1215
+  _globals['_JOBSTATE']._serialized_start=1127
+  _globals['_JOBSTATE']._serialized_end=1303
   _globals['_GETSTATUSREQUEST']._serialized_start=52
   _globals['_GETSTATUSREQUEST']._serialized_end=70
   _globals['_GETSTATUSRESPONSE']._serialized_start=73
@@ -43,31 +43,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODULATORSTATEREQUEST']._serialized_start=318
   _globals['_GETMODULATORSTATEREQUEST']._serialized_end=344
   _globals['_TASKMODULATION']._serialized_start=347
-  _globals['_TASKMODULATION']._serialized_end=510
-  _globals['_GETMODULATORSTATERESPONSE']._serialized_start=513
-  _globals['_GETMODULATORSTATERESPONSE']._serialized_end=743
-  _globals['_GETMODULATORSTATERESPONSE_TASKSENTRY']._serialized_start=651
-  _globals['_GETMODULATORSTATERESPONSE_TASKSENTRY']._serialized_end=729
-  _globals['_SCALEROLLOUTSREQUEST']._serialized_start=745
-  _globals['_SCALEROLLOUTSREQUEST']._serialized_end=801
-  _globals['_SCALEROLLOUTSRESPONSE']._serialized_start=803
-  _globals['_SCALEROLLOUTSRESPONSE']._serialized_end=860
-  _globals['_CHECKPOINTREQUEST']._serialized_start=862
-  _globals['_CHECKPOINTREQUEST']._serialized_end=881
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=883
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=917
-  _globals['_PAUSEREQUEST']._serialized_start=919
-  _globals['_PAUSEREQUEST']._serialized_end=933
-  _globals['_PAUSERESPONSE']._serialized_start=935
-  _globals['_PAUSERESPONSE']._serialized_end=950
-  _globals['_RESUMEREQUEST']._serialized_start=952
-  _globals['_RESUMEREQUEST']._serialized_end=967
-  _globals['_RESUMERESPONSE']._serialized_start=969
-  _globals['_RESUMERESPONSE']._serialized_end=985
-  _globals['_STOPREQUEST']._serialized_start=987
-  _globals['_STOPREQUEST']._serialized_end=1000
-  _globals['_STOPRESPONSE']._serialized_start=1002
-  _globals['_STOPRESPONSE']._serialized_end=1036
-  _globals['_HARPOCONTROL']._serialized_start=1218
-  _globals['_HARPOCONTROL']._serialized_end=1837
+  _globals['_TASKMODULATION']._serialized_end=598
+  _globals['_GETMODULATORSTATERESPONSE']._serialized_start=601
+  _globals['_GETMODULATORSTATERESPONSE']._serialized_end=831
+  _globals['_GETMODULATORSTATERESPONSE_TASKSENTRY']._serialized_start=739
+  _globals['_GETMODULATORSTATERESPONSE_TASKSENTRY']._serialized_end=817
+  _globals['_SCALEROLLOUTSREQUEST']._serialized_start=833
+  _globals['_SCALEROLLOUTSREQUEST']._serialized_end=889
+  _globals['_SCALEROLLOUTSRESPONSE']._serialized_start=891
+  _globals['_SCALEROLLOUTSRESPONSE']._serialized_end=948
+  _globals['_CHECKPOINTREQUEST']._serialized_start=950
+  _globals['_CHECKPOINTREQUEST']._serialized_end=969
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=971
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1005
+  _globals['_PAUSEREQUEST']._serialized_start=1007
+  _globals['_PAUSEREQUEST']._serialized_end=1021
+  _globals['_PAUSERESPONSE']._serialized_start=1023
+  _globals['_PAUSERESPONSE']._serialized_end=1038
+  _globals['_RESUMEREQUEST']._serialized_start=1040
+  _globals['_RESUMEREQUEST']._serialized_end=1055
+  _globals['_RESUMERESPONSE']._serialized_start=1057
+  _globals['_RESUMERESPONSE']._serialized_end=1073
+  _globals['_STOPREQUEST']._serialized_start=1075
+  _globals['_STOPREQUEST']._serialized_end=1088
+  _globals['_STOPRESPONSE']._serialized_start=1090
+  _globals['_STOPRESPONSE']._serialized_end=1124
+  _globals['_HARPOCONTROL']._serialized_start=1306
+  _globals['_HARPOCONTROL']._serialized_end=1925
 # @@protoc_insertion_point(module_scope)

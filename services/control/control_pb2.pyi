@@ -58,20 +58,24 @@ class GetModulatorStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskModulation(_message.Message):
-    __slots__ = ("factor", "unclamped_factor", "signal", "signal_ema", "batch_share", "zero_signal_groups")
+    __slots__ = ("factor", "unclamped_factor", "signal", "signal_ema", "batch_share", "zero_signal_groups", "last_update_step", "in_batch")
     FACTOR_FIELD_NUMBER: _ClassVar[int]
     UNCLAMPED_FACTOR_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_EMA_FIELD_NUMBER: _ClassVar[int]
     BATCH_SHARE_FIELD_NUMBER: _ClassVar[int]
     ZERO_SIGNAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPDATE_STEP_FIELD_NUMBER: _ClassVar[int]
+    IN_BATCH_FIELD_NUMBER: _ClassVar[int]
     factor: float
     unclamped_factor: float
     signal: float
     signal_ema: float
     batch_share: float
     zero_signal_groups: int
-    def __init__(self, factor: _Optional[float] = ..., unclamped_factor: _Optional[float] = ..., signal: _Optional[float] = ..., signal_ema: _Optional[float] = ..., batch_share: _Optional[float] = ..., zero_signal_groups: _Optional[int] = ...) -> None: ...
+    last_update_step: int
+    in_batch: bool
+    def __init__(self, factor: _Optional[float] = ..., unclamped_factor: _Optional[float] = ..., signal: _Optional[float] = ..., signal_ema: _Optional[float] = ..., batch_share: _Optional[float] = ..., zero_signal_groups: _Optional[int] = ..., last_update_step: _Optional[int] = ..., in_batch: _Optional[bool] = ...) -> None: ...
 
 class GetModulatorStateResponse(_message.Message):
     __slots__ = ("step", "reference", "tasks")

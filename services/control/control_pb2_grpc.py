@@ -83,7 +83,7 @@ class HarpoControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModulatorState(self, request, context):
-        """The HARPO modulator's per-task factors and signals after the last step.
+        """The HARPO modulator's state for every task it holds state for, after the last step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -12,20 +12,27 @@ RESOURCE_EXHAUSTED) and two threads stay free for status and the other quick cal
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
 import threading
+import uuid
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 
+from services.config_base import is_loopback
 from services.control import control_pb2 as pb
 from services.control import control_pb2_grpc as pb_grpc
 from services.control.target import JOB_STATES, ControlTarget
 
 log = logging.getLogger(__name__)
+
+# Every reply carries the server's run id in this trailing metadata key; a client that knows which
+# run it means (``--run RUN_DIR``) sends it in EXPECT_RUN_ID_HEADER and the server refuses the call
+# before acting when it is another run's (a stale endpoints.json whose port a new job now holds).
+RUN_ID_HEADER = "harpo-run-id"
+EXPECT_RUN_ID_HEADER = "harpo-expect-run-id"
 
 MAX_WORKERS = 4
 BLOCKING_SLOTS = 2  # checkpoint/stop calls allowed to wait at once; the other threads stay free
@@ -56,17 +63,6 @@ def resolve_token(token_file: str | os.PathLike | None, token_env: str | None) -
     if token_env:
         return os.environ.get(token_env, "").strip() or None
     return None
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -101,6 +97,42 @@ class _TokenAuth(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class _RunIdentity(grpc.ServerInterceptor):
+    """Tags every reply with the run id and refuses calls meant for another run (checked before
+    the token: the refusal names this server's run, which is no secret, so that the caller
+    learns that its run has ended rather than that its token is wrong)."""
+
+    def __init__(self, run_id: str):
+        self._run_id = run_id
+        self._tag = ((RUN_ID_HEADER, run_id),)
+
+    def intercept_service(self, continuation, handler_call_details):
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        expected = metadata.get(EXPECT_RUN_ID_HEADER)
+        if expected is not None and expected != self._run_id:
+            message = f"this control API belongs to run {self._run_id}, not to run {expected}"
+
+            def refuse(_request, context):
+                log.warning("control: refused %s from %s: %s", handler_call_details.method,
+                            context.peer(), message)
+                context.set_trailing_metadata(self._tag)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+            return grpc.unary_unary_rpc_method_handler(refuse)
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        def tagged(request, context):
+            context.set_trailing_metadata(self._tag)
+            return inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            tagged, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
 
 class _Servicer(pb_grpc.HarpoControlServicer):
@@ -165,6 +197,10 @@ class _Servicer(pb_grpc.HarpoControlServicer):
                     task.signal_ema = float(t["signal_ema"])
                 task.batch_share = float(t["batch_share"])
                 task.zero_signal_groups = int(t["zero_signal_groups"])
+                if t.get("last_update_step") is not None:
+                    task.last_update_step = int(t["last_update_step"])
+                if t.get("in_batch") is not None:
+                    task.in_batch = bool(t["in_batch"])
             return reply
 
         return self._run(context, "GetModulatorState", call)
@@ -219,15 +255,17 @@ class ControlServer:
 
     ``port`` 0 picks a free port; ``start`` returns the bound one and ``address`` is what a client
     should dial (write it to ``RUN_DIR/endpoints.json``). ``token``: see ``resolve_token``.
-    ``tls_cert``/``tls_key``: PEM files; given together or not at all.
+    ``tls_cert``/``tls_key``: PEM files; given together or not at all. ``run_id``: the run this
+    server belongs to, sent with every reply (a fresh one when not given).
     """
 
     def __init__(self, target: ControlTarget, host: str = "127.0.0.1", port: int = 50051, *,
                  token: str | None = None, tls_cert: str | os.PathLike | None = None,
-                 tls_key: str | os.PathLike | None = None):
+                 tls_key: str | os.PathLike | None = None, run_id: str | None = None):
         if (tls_cert is None) != (tls_key is None):
             raise ControlConfigError("control.tls_cert and control.tls_key must be given together")
         self.target = target
+        self.run_id = run_id or uuid.uuid4().hex
         self.host = host
         self.port = port
         self._token = token or None
@@ -252,7 +290,9 @@ class ControlServer:
                 "variable named by control.token_env, HARPO_CONTROL_TOKEN by default), or use "
                 "control.host: 127.0.0.1")
         credentials = self._credentials()
-        interceptors = [_TokenAuth(self._token)] if self._token else []
+        interceptors = [_RunIdentity(self.run_id)]
+        if self._token:
+            interceptors.append(_TokenAuth(self._token))
         server = grpc.server(
             futures.ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="harpo-control"),
             interceptors=interceptors,

@@ -7,6 +7,7 @@ requests, and a graceful Stop that leaves a loadable checkpoint.
 """
 
 import json
+import os
 import threading
 import time
 
@@ -65,6 +66,7 @@ def test_control_api_drives_a_running_job(running_job):
     endpoints = json.loads((run_dir / "endpoints.json").read_text())
     address = resolve_endpoint(None, str(run_dir))
     assert address == endpoints["control"]
+    assert endpoints["run_id"] == trainer.endpoints.run_id and endpoints["pid"] == os.getpid()
 
     # Listening off loopback: calls without the token, or with a wrong one, are refused.
     for token in (None, "wrong"):
@@ -72,11 +74,16 @@ def test_control_api_drives_a_running_job(running_job):
             ControlClient(address, token=token).status()
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
 
-    client = ControlClient(address, token=TOKEN, timeout=300)
+    client = ControlClient(address, token=TOKEN, timeout=300, run_id=endpoints["run_id"])
     status = _wait(lambda: (s := client.status())["step"] >= 1 and s)
     assert status["job"] == "test" and status["state"] == "running"
     assert status["total_steps"] == 40 and status["rollout_workers"] == 2
     assert status["rollouts_per_s"] > 0 and status["run_dir"] == str(run_dir)
+    assert client.server_run_id == endpoints["run_id"]
+    with ControlClient(address, token=TOKEN, run_id="0" * 32) as other:  # meant for another run
+        with pytest.raises(ControlError, match="belongs to run"):
+            other.pause()
+    assert client.status()["state"] == "running"
 
     modulator = client.modulator_state()
     assert modulator["tasks"], "per-task factors after the first step"
