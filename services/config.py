@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -24,9 +24,9 @@ from harpo_core.loss_config import AGGREGATIONS, KL_ESTIMATORS, LossConfig
 from harpo_core.rewards import RewardConfig
 from services.config_algorithm import AlgorithmSection
 from services.config_base import Fraction, PositiveInt, Section, is_loopback
-from services.learner_strategies import available_strategies
-from services.rollout.registry import available_backends
-from services.weight_sync import available_weight_syncs
+from services.learner_strategies import STRATEGIES
+from services.rollout.registry import BACKENDS
+from services.weight_sync import WEIGHT_SYNCS
 
 
 class RunSection(Section):
@@ -108,7 +108,8 @@ class AutoscaleSection(Section):
 
 
 class RolloutSection(Section):
-    backend: str = "hf"  # a services/rollout/<name>_backend.py module (services.rollout.registry)
+    # a services/rollout/<name>_backend.py module (services.rollout.registry)
+    backend: Annotated[str, AfterValidator(BACKENDS.check)] = "hf"
     workers: PositiveInt = 2
     # Prompts per generation request; null: prompts_per_step / workers (rounded up) at start.
     # Fixed for a run, so a request's prompts and seed never depend on the live worker count.
@@ -129,23 +130,9 @@ class RolloutSection(Section):
     torch_threads: PositiveInt = 1
     vllm: VLLMSection = Field(default_factory=VLLMSection)
     # How new weights reach the workers (a module of services/weight_sync).
-    weight_sync: str = "object_store"
+    weight_sync: Annotated[str, AfterValidator(WEIGHT_SYNCS.check)] = "object_store"
 
-    @field_validator("weight_sync")
-    @classmethod
-    def _known_weight_sync(cls, value: str) -> str:
-        if value not in available_weight_syncs():
-            raise ValueError(f"unknown weight sync {value!r}; available: "
-                             f"{available_weight_syncs()}")
-        return value
 
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in available_backends():
-            raise ValueError(f"unknown rollout backend {value!r}; available: "
-                             f"{available_backends()}")
-        return value
 
 
 class RewardSection(Section):
@@ -168,7 +155,7 @@ _LOSS = LossConfig()  # the loss knobs' defaults (and their checks) live in harp
 class LearnerSection(Section):
     workers: PositiveInt = 1
     # How the ranks share the model (a module of services/learner_strategies).
-    strategy: str = "ddp"
+    strategy: Annotated[str, AfterValidator(STRATEGIES.check)] = "ddp"
     lr: Annotated[float, Field(gt=0.0)] = 1e-6
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)  # AdamW's
@@ -195,13 +182,6 @@ class LearnerSection(Section):
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per learner
     torch_threads: PositiveInt = 1
 
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        if value not in available_strategies():
-            raise ValueError(f"unknown learner strategy {value!r}; available: "
-                             f"{available_strategies()}")
-        return value
 
     @model_validator(mode="after")
     def _check_loss(self):

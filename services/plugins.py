@@ -49,12 +49,16 @@ class Plugins:
         """Every implementation's name, sorted; nothing is imported."""
         return sorted(self._modules().keys() | self._classes.keys())
 
+    def check(self, name: str) -> str:
+        """``name`` if it is an implementation's (nothing imported), else a ValueError."""
+        if name not in self.available():
+            raise ValueError(f"unknown {self.kind} {name!r}; available: {self.available()}")
+        return name
+
     def get(self, name: str) -> type:
         """The class registered as ``name``, importing its module if needed."""
         if name not in self._classes:
-            module = self._modules().get(name)
-            if module is None:
-                raise ValueError(f"unknown {self.kind} {name!r}; available: {self.available()}")
+            module = self._modules().get(self.check(name))
             importlib.import_module(module)
             if name not in self._classes:
                 raise ValueError(f"module {module} registers no {self.kind} named {name!r} "
