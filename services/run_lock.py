@@ -30,7 +30,7 @@ class RunLocked(ValueError):
     """Another harpo process holds the directory (a ValueError: the CLI reports it, exit 2)."""
 
 
-def _command() -> str:
+def command_line() -> str:
     argv = list(sys.argv)
     if argv and (argv[0].endswith("services/cli.py") or argv[0] == "-m"
                  or Path(argv[0]).name in ("harpo", "cli.py")):
@@ -61,7 +61,7 @@ class RunLock:
     def __init__(self, directory: str | Path, command: str | None = None):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
-        self.command = command or _command()
+        self.command = command or command_line()
         self._fd: int | None = None
         self.took_over: dict | None = None  # the record of a dead holder this lock replaced
 
@@ -128,7 +128,7 @@ class RunLock:
         self._fd = None
 
     def __enter__(self) -> RunLock:
-        return self.acquire()
+        return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
