@@ -126,8 +126,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = _load_train_config(args)
     from services.run_owner import lock_for_reading, warn
 
-    warn(getattr(args, "resume_note", None), sys.stderr)  # stdout is the result
     lock = lock_for_reading(args.resume)  # None: a CONFIG's model, no run directory read
+    warn(getattr(args, "resume_note", None), sys.stderr)  # stdout is the result
     try:
         return _eval(args, config)
     finally:
