@@ -185,13 +185,15 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from services.demo import RL_STEPS, SFT_STEPS, run_demo
     from services.run_lock import hold
 
-    # the defaults live in services/demo.py, imported only when the command runs
-    with hold(args.workdir, Path(args.workdir) / "run"):
-        run_demo(args.workdir, steps=args.steps or RL_STEPS, sft_steps=args.sft_steps or SFT_STEPS,
-                 sft_seconds=args.sft_seconds, address=args.address)
+    with hold(args.workdir, Path(args.workdir) / "run"):  # refused before the imports below
+        from services.demo import RL_STEPS, SFT_STEPS, run_demo
+
+        # the defaults live in services/demo.py, imported only when the command runs
+        run_demo(args.workdir, steps=args.steps or RL_STEPS,
+                 sft_steps=args.sft_steps or SFT_STEPS, sft_seconds=args.sft_seconds,
+                 address=args.address)
     return 0
 
 
@@ -206,9 +208,10 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
 
 def _cmd_sft(args: argparse.Namespace) -> int:
     from services.run_lock import hold
-    from services.tiny.sft import sft
 
-    with hold(args.out):
+    with hold(args.out):  # refused before torch is imported
+        from services.tiny.sft import sft
+
         metrics = sft(args.model, args.data, args.out, steps=args.steps,
                       max_seconds=args.seconds, lr=args.lr, progress=sys.stderr.isatty())
     print({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})

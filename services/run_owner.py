@@ -88,6 +88,6 @@ def lock_for_reading(run_dir: str | Path | None) -> RunLock | None:
     return RunLock(run_dir, command_line()).acquire()
 
 
-def warn(note: str | None, stream=sys.stdout) -> None:
+def warn(note: str | None, stream=None) -> None:
     if note:
-        print(f"note: {note}", file=stream, flush=True)
+        print(f"note: {note}", file=stream or sys.stdout, flush=True)

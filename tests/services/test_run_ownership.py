@@ -73,6 +73,26 @@ def finished_run(ray_cluster, tiny_assets, tmp_path_factory):
     return run
 
 
+@pytest.fixture
+def old_run(tiny_assets, tmp_path_factory) -> Path:
+    """What a finished run leaves (no Ray needed: refusals look at the files only)."""
+    root = tmp_path_factory.mktemp("old")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_config(run / "config.yaml", tiny_assets, run, steps=5)
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward_mean": 0.1 * s}) + "\n" for s in range(5)))
+    for done in (4, 5):
+        checkpoint = run / f"checkpoints/step-{done:06d}"
+        (checkpoint / "model").mkdir(parents=True)
+        (checkpoint / "model/model.safetensors").write_bytes(os.urandom(64))
+        (checkpoint / "trainer.json").write_text(json.dumps({"completed_steps": done}))
+        (checkpoint / "MANIFEST.json").write_text("{}")
+    (run / "endpoints.json").write_text('{"control": "127.0.0.1:7001"}')
+    (run / "modulator-live.json").write_text('{"step": 4}')
+    return run
+
+
 def copy_of(run: Path, where: Path) -> Path:
     shutil.copytree(run, where)
     return where
@@ -84,9 +104,9 @@ def copy_of(run: Path, where: Path) -> Path:
 @pytest.mark.parametrize("extra", [[], ["--set", "data.path=/no/such/data"],
                                    ["--set", "observability.metrics_port=1"]],
                          ids=["plain", "bad-data-path", "bad-port"])
-def test_a_new_train_into_a_run_is_refused_and_changes_nothing(finished_run, tiny_assets,
+def test_a_new_train_into_a_run_is_refused_and_changes_nothing(old_run, tiny_assets,
                                                                tmp_path, extra):
-    run = copy_of(finished_run, tmp_path / "run")
+    run = copy_of(old_run, tmp_path / "run")
     before = files(run)
     config = write_config(tmp_path / "new.yaml", tiny_assets, tmp_path / "elsewhere")
     t0 = time.monotonic()
@@ -103,8 +123,8 @@ def test_a_new_train_into_a_run_is_refused_and_changes_nothing(finished_run, tin
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_overwrite_and_resume_together_are_refused(finished_run, tmp_path):
-    run = copy_of(finished_run, tmp_path / "run")
+def test_overwrite_and_resume_together_are_refused(old_run, tmp_path):
+    run = copy_of(old_run, tmp_path / "run")
     before = files(run)
     result = harpo("train", "--resume", run, "--overwrite")
     assert result.returncode == 2
@@ -113,8 +133,8 @@ def test_overwrite_and_resume_together_are_refused(finished_run, tmp_path):
     assert files(run) == before
 
 
-def test_resume_of_a_copy_cannot_point_at_another_directory(finished_run, tmp_path):
-    run = copy_of(finished_run, tmp_path / "run")
+def test_resume_of_a_copy_cannot_point_at_another_directory(old_run, tmp_path):
+    run = copy_of(old_run, tmp_path / "run")
     before = files(run)
     result = harpo("train", "--resume", run, "--set", f"run.output_dir={tmp_path / 'x'}")
     assert result.returncode == 2
@@ -149,9 +169,9 @@ def _holder_message(directory: Path, pid: int, command: str) -> str:
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "sft", "demo"])
-def test_a_locked_directory_is_refused_naming_its_holder(finished_run, tiny_assets, tmp_path,
+def test_a_locked_directory_is_refused_naming_its_holder(old_run, tiny_assets, tmp_path,
                                                          command):
-    run = copy_of(finished_run, tmp_path / "run")
+    run = copy_of(old_run, tmp_path / "run")
     args = {"train": ["train", "--resume", run],
             "eval": ["eval", "--resume", run],
             "sft": ["sft", "--model", tiny_assets.model_dir, "--data", tiny_assets.data_dir,
@@ -175,8 +195,8 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(finished_run, tmp_path):
-    run = copy_of(finished_run, tmp_path / "run")
+def test_a_lock_left_by_a_dead_process_is_taken_over(old_run, tmp_path):
+    run = copy_of(old_run, tmp_path / "run")
     pid = _dead_pid()
     left = {"host": HOST, "pid": pid, "since": "2026-01-02 03:04:05 UTC",
             "command": "harpo train old.yaml"}
@@ -193,8 +213,8 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(finished_run, tmp_path):
     assert files(run) == before  # the stale lock file is gone with the lock released
 
 
-def test_a_lock_left_on_another_host_is_not_taken(finished_run, tmp_path):
-    run = copy_of(finished_run, tmp_path / "run")
+def test_a_lock_left_on_another_host_is_not_taken(old_run, tmp_path):
+    run = copy_of(old_run, tmp_path / "run")
     left = {"host": "node-7", "pid": 1234, "since": "2026-01-02 03:04:05 UTC",
             "command": "harpo train --resume run"}
     (run / LOCK_FILE).write_text(json.dumps(left))
@@ -238,8 +258,9 @@ def test_two_trains_into_one_directory_one_runs_one_is_refused(ray_cluster, tiny
 # ---------------------------------------------------------------------------- what runs
 
 
-def test_overwrite_moves_the_old_run_aside(finished_run, tiny_assets, tmp_path, capsys):
-    run = copy_of(finished_run, tmp_path / "run")
+def test_overwrite_moves_the_old_run_aside(ray_cluster, old_run, tiny_assets, tmp_path,
+                                           capsys):
+    run = copy_of(old_run, tmp_path / "run")  # 5 steps, checkpoints after 4 and 5
     before = files(run)
     config = write_config(tmp_path / "new.yaml", tiny_assets, run, steps=1)
     status, out, err = harpo_here(capsys, "train", config, "--overwrite")
