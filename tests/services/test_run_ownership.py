@@ -311,8 +311,9 @@ def test_resume_of_a_copied_run_trains_the_copy_and_records_overrides(finished_r
     assert (run / "checkpoints/step-000003/MANIFEST.json").is_file()
     recorded = (run / "config.yaml").read_text()
     assert "steps: 3\n" in recorded and f"output_dir: {run}\n" in recorded
-    (history,) = [json.loads(line) for line in
-                  (run / "config-history.jsonl").read_text().splitlines()]
+    started, history = [json.loads(line) for line in
+                        (run / "config-history.jsonl").read_text().splitlines()]
+    assert started["note"] == "new run"  # copied with the run
     assert history["overrides"] == {"run.steps": 3}
     assert "a copied run directory" in history["note"]
     assert history["command"]  # (in this process, pytest's command line)
