@@ -55,25 +55,55 @@ def _load_train_config(args: argparse.Namespace):
                              "(a resumed run keeps the configuration it was started with)")
         if not run_config.is_file():
             raise FileNotFoundError(f"{args.resume} is not a run directory (no config.yaml)")
-        return load_config(run_config, overrides)
+        return _resumed(args, load_config(run_config, overrides), overrides)
     if not args.config:
         raise ValueError("harpo train needs a CONFIG file (or --resume RUN_DIR)")
     return load_config(args.config, overrides)
 
 
+# ---- run-directory ownership (services/run_owner.py): before Ray starts, nothing changes
+
+
+def _resumed(args: argparse.Namespace, config, overrides: dict):
+    """``--resume RUN_DIR`` trains RUN_DIR (a copied run names the original's directory)."""
+    from services.run_owner import resumed_config
+
+    config, args.resume_note = resumed_config(config, args.resume, overrides)
+    return config
+
+
+def _claim_for_training(args: argparse.Namespace, config) -> tuple[bool, object]:
+    """Whether the run resumes, and the run directory's lock (held until the command ends)."""
+    from services.run_dir import RunDir
+    from services.run_owner import claim_for_training, warn
+
+    job = getattr(args, "config_env", None) is not None
+    resume = bool(args.resume) or (
+        job and RunDir(config.run.output_dir).latest_valid_checkpoint() is not None)
+    lock = claim_for_training(config, resume=resume, overwrite=args.overwrite,
+                              move_unfinished=job)
+    warn(getattr(args, "resume_note", None))
+    return resume, lock
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _load_train_config(args)
+    resume, lock = _claim_for_training(args, config)
+    with lock:
+        return _train(args, config, resume)
+
+
+def _train(args: argparse.Namespace, config, resume: bool) -> int:
     print("# resolved configuration\n" + config.to_yaml(), flush=True)
     from services.cluster import connect
 
     connect(args.address)
     from services.controller import Trainer
-    from services.run_dir import RunDir
+    from services.run_owner import record_config
 
-    resume = bool(args.resume) or (
-        getattr(args, "config_env", None) is not None
-        and RunDir(config.run.output_dir).latest_valid_checkpoint() is not None)
     trainer = Trainer(config, resume=resume)
+    record_config(trainer, resume=resume, overrides=dict(args.set or []),
+                  note=getattr(args, "resume_note", None))
     # SIGTERM (a Kubernetes pod eviction, `ray job stop`) stops gracefully: the step in
     # flight finishes and a checkpoint is written, as with `harpo stop`.
     signal.signal(signal.SIGTERM, lambda *_: trainer.control.request_stop())
@@ -93,9 +123,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    config = _load_train_config(args)
+    from services.run_owner import lock_for_reading, warn
+
+    lock = lock_for_reading(args.resume)  # None: a CONFIG's model, no run directory read
+    warn(getattr(args, "resume_note", None), sys.stderr)  # stdout is the result
+    try:
+        return _eval(args, config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _eval(args: argparse.Namespace, config) -> int:
+    """Read-only: ``Trainer(mode="eval")`` writes nothing into the run directory; the result
+    goes to stdout only."""
     import json
 
-    config = _load_train_config(args)
     from services.cluster import connect
 
     connect(args.address)
@@ -105,7 +149,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "observability": config.observability.model_copy(update={"metrics_port": None}),
         "control": config.control.model_copy(update={"port": None}),
     })
-    trainer = Trainer(config, resume=bool(args.resume))
+    trainer = Trainer(config, resume=bool(args.resume), mode="eval")
     try:
         result = trainer.evaluate(split=args.split, per_task=args.per_task)
     finally:
@@ -141,13 +185,18 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from services.demo import RL_STEPS, SFT_STEPS, run_demo
+    from services.run_lock import hold
 
-    # the defaults live in services/demo.py, imported only when the command runs
-    run_demo(args.workdir, steps=args.steps or RL_STEPS, sft_steps=args.sft_steps or SFT_STEPS,
-             sft_seconds=args.sft_seconds, address=args.address,
-             endpoints={"metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
-                        "control_host": args.control_host, "control_port": args.control_port})
+    with hold(args.workdir, Path(args.workdir) / "run"):  # refused before the imports below
+        from services.demo import RL_STEPS, SFT_STEPS, run_demo
+
+        # the defaults live in services/demo.py, imported only when the command runs
+        run_demo(args.workdir, steps=args.steps or RL_STEPS,
+                 sft_steps=args.sft_steps or SFT_STEPS, sft_seconds=args.sft_seconds,
+                 address=args.address,
+                 endpoints={"metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
+                            "control_host": args.control_host,
+                            "control_port": args.control_port})
     return 0
 
 
@@ -161,10 +210,13 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    from services.tiny.sft import sft
+    from services.run_lock import hold
 
-    metrics = sft(args.model, args.data, args.out, steps=args.steps, max_seconds=args.seconds,
-                  lr=args.lr, progress=sys.stderr.isatty())
+    with hold(args.out):  # refused before torch is imported
+        from services.tiny.sft import sft
+
+        metrics = sft(args.model, args.data, args.out, steps=args.steps,
+                      max_seconds=args.seconds, lr=args.lr, progress=sys.stderr.isatty())
     print({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
     return 0
 
@@ -191,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with a YAML config",
                        description="Train with a YAML config on embedded Ray or a cluster.")
     add_run_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a directory that holds one: the old run is moved "
+                        "to RUN_DIR.old-YYYYmmdd-HHMMSS (nothing is deleted)")
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Jobs API)",

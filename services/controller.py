@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -49,9 +51,19 @@ ESTIMATOR_STATE = "estimator.json"
 class Trainer:
     """Builds the actors for a config and runs training steps; Ray must be initialised."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False):
+    def __init__(self, config: TrainConfig, *, resume: bool = False, mode: str = "train"):
+        """``mode="train"`` owns ``run.output_dir``: a fresh run (``resume`` False) refuses a
+        directory that already holds a run, and writes ``config.yaml`` once its actors and
+        endpoints are up; a resumed one drops the metric rows of the steps it will train again.
+        ``mode="eval"`` (``harpo eval``) only reads: it loads the latest valid checkpoint when
+        ``resume``, starts no endpoints and writes nothing into the run directory (the
+        modulator's live state goes to a temporary directory)."""
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
         self.config = config = config.with_absolute_paths()
+        self.mode = mode
         self.run_dir = RunDir(config.run.output_dir)
+        self._scratch: Path | None = None  # eval mode: where the run's live files go
         self.restarts: Counter[str] = Counter()  # actor replacements and job restarts, by role
         self.weight_sync_failures = 0
         self.endpoints = Endpoints(config)
@@ -63,15 +75,41 @@ class Trainer:
             if checkpoint is None:
                 raise FileNotFoundError(
                     f"no valid checkpoint under {self.run_dir.checkpoints} to resume from")
-        self._setup(checkpoint, fresh_run=not resume)
+        elif mode == "train" and (found := self.run_dir.run_files()):
+            raise ValueError(
+                f"{self.run_dir.root} already holds a run ({', '.join(found)}); resume it, or "
+                f"train into another directory")
         try:
-            self.endpoints.start(self.control, self.run_dir.root, len(self.actors.pool.workers))
+            self._setup(checkpoint, fresh_run=not resume)
+            if mode == "train":
+                self.endpoints.start(self.control, self.run_dir.root,
+                                     len(self.actors.pool.workers))
         except BaseException:
             self.shutdown()
             raise
+        if mode == "train" and not resume:  # the run has started: the directory is its
+            self.run_dir.config_path.write_text(config.to_yaml())
+
+    def _run_root(self, checkpoint: Path | None) -> Path:
+        """Where the run's files go: the run directory (training; a resumed run drops the
+        metric rows of the steps it trains again), or a temporary one (evaluation)."""
+        if self.mode == "eval":
+            if self._scratch is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix="harpo-eval-"))
+            return self._scratch
+        self.run_dir.create()
+        if checkpoint is None:
+            self.run_dir.clear_metrics()
+        else:
+            self.run_dir.truncate_metrics(self.completed_steps)
+        return self.run_dir.root
 
     def _setup(self, checkpoint: Path | None, *, fresh_run: bool) -> None:
-        """Everything a run holds between steps, from the model directory or a checkpoint."""
+        """Everything a run holds between steps, from the model directory or a checkpoint.
+
+        The model and the data are checked before anything in the run directory changes.
+        (``fresh_run``: the first set-up of a run that did not resume; ``__init__`` writes its
+        ``config.yaml`` once it has started.)"""
         config = self.config
         self.completed_steps = 0  # steps completed
         self.version = 0  # policy version of the learners' weights: the one version counter
@@ -84,13 +122,6 @@ class Trainer:
             model_dir = str(checkpoint / "model")
             estimator_state = _estimator_state(checkpoint)
         self._check_model(model_dir)
-        self.run_dir.create()
-        if fresh_run:
-            self.run_dir.config_path.write_text(config.to_yaml())
-        if checkpoint is None:
-            self.run_dir.clear_metrics()
-        else:
-            self.run_dir.truncate_metrics(self.completed_steps)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id
@@ -101,8 +132,9 @@ class Trainer:
         if checkpoint is not None:
             self.sampler.load_state_dict(json.loads((checkpoint / "sampler.json").read_text()))
         self._cooldown = 0
+        run_root = self._run_root(checkpoint)
         self.actors = ActorSet(config, model_dir, version=self.version,
-                               estimator_state=estimator_state, run_root=self.run_dir.root,
+                               estimator_state=estimator_state, run_root=run_root,
                                on_restart=self._count_restart,
                                on_queue_depth=self.endpoints.set_queue_depth)
         if checkpoint is not None:
@@ -372,6 +404,9 @@ class Trainer:
             self.prefetch.settle()
             self.actors.shutdown()
         self.prefetch.shutdown()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 def _estimator_state(checkpoint: Path) -> dict:

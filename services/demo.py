@@ -99,6 +99,17 @@ def format_report(before: dict, after: dict, factors: dict[str, float],
     return "\n".join(lines)
 
 
+def _move_earlier_run_aside(run_dir: Path) -> None:
+    """A demo run again starts a new run; the earlier one is kept beside it."""
+    from services.run_dir import RunDir
+    from services.run_lock import LOCK_FILE
+
+    run = RunDir(run_dir)
+    if run.run_files():
+        aside = run.move_aside(keep=(LOCK_FILE,))
+        print(f"      moved the earlier demo run to {aside}", flush=True)
+
+
 def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
              sft_steps: int = SFT_STEPS, sft_seconds: float | None = None,
              address: str | None = None, endpoints: dict | None = None) -> dict:
@@ -127,6 +138,7 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
     (workdir / "demo.yaml").write_text(config.to_yaml())
     print(f"[3/4] HARPO RL for {steps} steps on Ray (config: {workdir / 'demo.yaml'})",
           flush=True)
+    _move_earlier_run_aside(config.run.output_dir)
     connect(address)
     from services.controller import Trainer
 

@@ -4,6 +4,8 @@
 
     RUN_DIR/
       config.yaml                    the resolved configuration
+      config-history.jsonl           when the configuration was set or changed: time, command,
+                                     the overrides (``harpo train --resume RUN_DIR --set ...``)
       metrics.jsonl                  one JSON object per training step
       eval.jsonl                     one JSON object per evaluation during training
                                      (run.eval_every), keyed by completed steps
@@ -13,6 +15,7 @@
                                      optimizer state (optimizer.safetensors, optimizer.json)
           estimator.json, sampler.json, trainer.json
           MANIFEST.json              sha256 of every file, written last
+      .harpo.lock                    while a harpo process uses the directory (services.run_lock)
 
 A checkpoint is written into a temporary directory and renamed into place, so a crash leaves
 either the old set or the new one, never half a checkpoint. Loading verifies the manifest and
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,9 +59,48 @@ class RunDir:
         self.metrics_path = self.root / "metrics.jsonl"
         self.eval_path = self.root / "eval.jsonl"
         self.checkpoints = self.root / "checkpoints"
+        self.history_path = self.root / "config-history.jsonl"
 
     def create(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ ownership
+
+    def run_files(self) -> list[str]:
+        """What makes the directory hold a run: its config, metrics or checkpoints (empty
+        list: nothing a new run would overwrite)."""
+        found = [p.name for p in (self.config_path, self.metrics_path, self.eval_path)
+                 if p.exists()]
+        if self.list_checkpoints():
+            found.append("checkpoints/")
+        return found
+
+    def move_aside(self, keep: tuple[str, ...] = ()) -> Path:
+        """Move everything in the directory (but ``keep``) into a new sibling
+        ``NAME.old-YYYYmmdd-HHMMSS``; returns it. Nothing is deleted."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.root.with_name(f"{self.root.name}.old-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.root.with_name(f"{self.root.name}.old-{stamp}-{n}")
+        aside.mkdir()
+        for entry in sorted(self.root.iterdir()):
+            if entry.name not in keep:
+                os.replace(entry, aside / entry.name)
+        return aside
+
+    def record_config(self, config_yaml: str, command: str, overrides: dict,
+                      note: str | None = None) -> None:
+        """Write ``config.yaml`` and append what set it to ``config-history.jsonl``."""
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+               "overrides": overrides}
+        if note:
+            row["note"] = note
+        tmp = self.config_path.with_suffix(".yaml.tmp")
+        tmp.write_text(config_yaml)
+        os.replace(tmp, self.config_path)
+        self._append(self.history_path, row)
 
     # ------------------------------------------------------------------ metrics
 

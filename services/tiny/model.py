@@ -38,6 +38,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MARKER = "tiny_assets.json"  # written last by init_tiny; its presence means "complete"
+BUILDING = ".init-tiny-building"  # written first, removed last: an interrupted build is ours
 
 
 def train_tokenizer(
@@ -167,7 +168,17 @@ def init_tiny(
             raise ValueError(f"{out_dir} holds tiny assets from another version of the task "
                              "suite (its examples differ from what this version generates); "
                              "remove it or choose another directory")
+        (out_dir / BUILDING).touch()
         marker.unlink()
+    elif out_dir.is_dir() and not (out_dir / BUILDING).exists():
+        others = sorted(p.name for p in out_dir.iterdir())
+        if others:
+            raise ValueError(
+                f"{out_dir} is not empty ({', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}) and was not built by init-tiny "
+                f"(no {MARKER}); nothing in it was changed: choose another directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BUILDING).touch()
     for d in (assets.model_dir, assets.data_dir):
         shutil.rmtree(d, ignore_errors=True)
 
@@ -177,4 +188,5 @@ def init_tiny(
     build_tiny_model(assets.model_dir, tokenizer, seed=seed, **model_kwargs)
     marker.write_text(json.dumps({"params": params, "suite_fingerprint": fingerprint},
                                  indent=2) + "\n")
+    (out_dir / BUILDING).unlink(missing_ok=True)
     return assets
