@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Defaults that make a local Ray quiet and self-contained (no auth token, no usage stats, no
@@ -37,12 +39,27 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if address is None:
         # Logical CPUs: stages of a synchronous step take turns, so actors may share cores.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
+        # A signal to the whole process group (SIGTERM to a pod, `kill -- -PGID`) also ends
+        # the embedded GCS; the driver then waits this long to reconnect before it exits
+        # (Ray's default: 60 s). An embedded GCS never comes back, so don't wait long.
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "3")
         temp_dir = tempfile.mkdtemp(prefix="harpo-ray-")
         ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir,
                  runtime_env=runtime_env, log_to_driver=True)
+        atexit.register(_remove_temp_dir, temp_dir)  # runs before Ray's own atexit shutdown
     elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # A Ray job's driver (`harpo submit`, `ray job submit`): the job's runtime environment
         # already applies, and Ray refuses a second one that names the same variables.
         ray.init(address=address)
     else:
         ray.init(address=address, runtime_env=runtime_env)
+
+
+def _remove_temp_dir(temp_dir: str) -> None:
+    """Shut the embedded Ray down and remove its session files (``/tmp/harpo-ray-*``)."""
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
