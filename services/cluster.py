@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
+import threading
 
 # Defaults that make a local Ray quiet and self-contained (no auth token, no usage stats, no
 # downloads from the Hugging Face Hub, no progress bars); a user's own environment wins.
@@ -39,13 +41,21 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if address is None:
         # Logical CPUs: stages of a synchronous step take turns, so actors may share cores.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
-        # A signal to the whole process group (SIGTERM to a pod, `kill -- -PGID`) also ends
-        # the embedded GCS; the driver then waits this long to reconnect before it exits
-        # (Ray's default: 60 s). An embedded GCS never comes back, so don't wait long.
-        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "3")
+        # A signal to the whole process group (Ctrl-C, `kill -- -PGID`) reaches the embedded
+        # Ray's processes too. Ray blocks SIGINT in them; SIGTERM is blocked here while they
+        # start (they inherit the mask), so the GCS and the workers outlive a group SIGTERM
+        # and the driver can finish its step and write its checkpoint (it shuts them down
+        # itself: terminate, then kill after 1 s). Should the GCS die anyway, the driver
+        # waits this long to reconnect (Ray's default: 60 s); an embedded GCS never returns.
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "5")
         temp_dir = tempfile.mkdtemp(prefix="harpo-ray-")
-        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir,
-                 runtime_env=runtime_env, log_to_driver=True)
+        blocked = _block_sigterm()
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir,
+                     runtime_env=runtime_env, log_to_driver=True)
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         atexit.register(_remove_temp_dir, temp_dir)  # runs before Ray's own atexit shutdown
     elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # A Ray job's driver (`harpo submit`, `ray job submit`): the job's runtime environment
@@ -63,3 +73,10 @@ def _remove_temp_dir(temp_dir: str) -> None:
         ray.shutdown()
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _block_sigterm():
+    """Block SIGTERM in this thread (the main one only); return the previous mask or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

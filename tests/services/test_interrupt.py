@@ -79,3 +79,27 @@ def test_ctrl_c_checkpoints_and_resume_matches(tiny_assets, tmp_path):
     interrupted, uninterrupted = _rows(run_dir), _rows(whole_dir)
     assert [r["step"] for r in interrupted] == list(range(STEPS))
     assert interrupted == uninterrupted
+
+
+def test_sigterm_to_the_group_checkpoints_without_hanging(tiny_assets, tmp_path):
+    """SIGTERM to the whole process group (embedded Ray's processes included): the GCS and
+    the workers outlive it (SIGTERM is blocked in them), so the checkpoint is written and the
+    driver exits promptly, with no wait for a GCS that is gone."""
+    config, run_dir = _config(tiny_assets, tmp_path, "terminated")
+    proc = _harpo("train", str(config), start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no metrics row in 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err
+    assert "Failed to connect to GCS" not in err
+    stop_line = [line for line in out.splitlines() if line.startswith("stopped at step")]
+    assert stop_line and " by SIGTERM; checkpoint " in stop_line[0], out
+    done = int(stop_line[0].split()[3])
+    assert (run_dir / "checkpoints" / f"step-{done:06d}").is_dir()
+    assert time.monotonic() - sent < 60  # a step, a checkpoint and the shutdown; no GCS wait
