@@ -150,15 +150,24 @@ def _check_context(config: TrainConfig, model_config: dict) -> None:
 # ---------------------------------------------------------------------------- data
 
 
-def check_data(config: TrainConfig, tokenizer, split: str):
-    """Load and tokenize ``split`` as the trainer will; returns its TokenizedPrompts."""
-    from services.prompts import TokenizedPrompts
+def load_data(config: TrainConfig, split: str):
+    """Read and validate ``split`` as the trainer will; returns its PromptSet."""
+    from services.prompts import load_split
 
     try:
-        return TokenizedPrompts.build(config, tokenizer, split)
-    except PreflightError:
-        raise
-    except (ValueError, OSError) as exc:  # DataError, missing shards, unreadable parquet
+        return load_split(config, split)
+    except (ValueError, OSError) as exc:  # missing shards, unreadable parquet, bad rows
+        raise PreflightError(str(exc)) from None
+
+
+def check_prompt_lengths(config: TrainConfig, tokenizer, prompts, split: str) -> None:
+    """Tokenize every prompt with the chat template, as the trainer will, and check lengths."""
+    from services.chat import tokenize_prompts
+    from services.prompts import check_prompt_lengths as check
+
+    try:
+        check(tokenize_prompts(tokenizer, prompts.prompts), config.data.max_prompt_tokens, split)
+    except ValueError as exc:  # DataError
         raise PreflightError(str(exc)) from None
 
 
@@ -299,25 +308,27 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
             raise PreflightError(f"no valid checkpoint under {run_dir.checkpoints} to resume "
                                  f"from; start the run without --resume")
         model_dir = checkpoint / "model"
+    # cheap checks first (files, headers, sizes, disk, ports), then the tokenizer: importing
+    # transformers and tokenizing every prompt is the slow part
     model_config, weights = check_model_dir(model_dir)
     _check_context(config, model_config)
-    tokenizer = load_tokenizer(model_dir, model_config, config.model.trust_remote_code)
     estimate = check_sizes(config, model_config)
     if splits is None:
         splits = (config.data.train_split,)
         if config.run.eval_every:
             splits += (config.data.eval_split,)
-    tasks: dict[str, int] = {}
-    for split in dict.fromkeys(splits):
-        prompts = check_data(config, tokenizer, split).prompts
-        if split == config.data.train_split:
-            tasks = prompts.task_counts()
+    data = {split: load_data(config, split) for split in dict.fromkeys(splits)}
     if output:
         check_output_dir(config.run.output_dir, CHECKPOINT_FACTOR * weights)
     if ports:
         check_port(config.observability.metrics_host, config.observability.metrics_port,
                    "observability.metrics_port")
         check_port(config.control.host, config.control.port, "control.port")
+    tokenizer = load_tokenizer(model_dir, model_config, config.model.trust_remote_code)
+    for split, prompts in data.items():
+        check_prompt_lengths(config, tokenizer, prompts, split)
+    train = data.get(config.data.train_split)
+    tasks = train.task_counts() if train is not None else {}
     return Plan(model_dir=Path(model_dir), weights_bytes=weights,
                 vocab_size=int(model_config.get("vocab_size") or 0), tasks=tasks,
                 checkpoint=checkpoint, estimated_bytes=estimate)
