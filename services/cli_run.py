@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import sys
 import traceback
@@ -33,7 +34,8 @@ def _ray_cause(exc: BaseException) -> str | None:
                        if hasattr(rex, n))
     if not isinstance(exc, ray_errors):
         return None
-    text = str(getattr(exc, "cause", None) or exc).strip()
+    # str() of a Ray error carries the remote traceback; its last line is the cause
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 

@@ -291,3 +291,43 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["sft", "--help"])
     assert "(default: 600)" in capsys.readouterr().out
+
+
+def test_run_time_failures_are_one_line_with_status_1():
+    from ray import exceptions as rex
+
+    from services.cli_run import explain
+
+    remote = ("Traceback (most recent call last):\n  File \"worker.py\", line 1\n"
+              "safetensors_rust.SafetensorError: incomplete metadata")
+    actor = rex.ActorDiedError(rex.RayTaskError("__init__", remote, ValueError("x")))
+    assert explain(actor, started=True) == (
+        "a Ray actor failed: safetensors_rust.SafetensorError: incomplete metadata (run with "
+        "--debug for the traceback)", 1)
+    assert explain(MemoryError(), started=True)[1] == 1
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+    assert explain(full, started=True) == (
+        "the disk is full writing /runs/x/metrics.jsonl; free some space and resume with "
+        "`harpo train --resume RUN_DIR`", 1)
+    assert explain(ValueError("bad"), started=False) == ("bad", 2)
+    assert explain(ValueError("bad"), started=True) == ("bad", 1)
+    with pytest.raises(TypeError):  # a bug is not explained away: its traceback shows
+        explain(TypeError("bug"), started=True)
+
+
+def test_result_tables():
+    from services.cli_run import format_eval, format_task_table
+
+    row = {"reward": {"b": 0.5, "a": 1.0}, "accuracy": {"a": 1.0, "b": 0.25},
+           "format": {"a": 1.0, "b": 0.5}, "task_factor": {"a": 0.8, "b": 1.25}}
+    assert format_task_table(row, {"a": "qa", "b": "classification"}).splitlines() == [
+        "task            type             reward accuracy  format  factor",
+        "----------------------------------------------------------------",
+        "a               qa                1.000    1.000   1.000   0.800",
+        "b               classification    0.500    0.250   0.500   1.250"]
+    result = {"reward": row["reward"], "accuracy": row["accuracy"],
+              "reward_format": row["format"], "rollouts": {"a": 2, "b": 2}}
+    lines = format_eval(result).splitlines()
+    assert lines[0] == "task             reward accuracy  format rollouts"
+    assert lines[2] == "a                 1.000    1.000   1.000        2"
+    assert lines[-1] == "mean              0.750"
