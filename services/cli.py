@@ -80,20 +80,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from services.cluster import connect
 
     args.started = True
-    connect(args.address)
+    connect(args.address, survive_group_sigterm=True)
     from services.controller import Trainer
 
     trainer = Trainer(config, resume=resume)
     # SIGINT (Ctrl-C) and SIGTERM (a Kubernetes pod eviction, `ray job stop`) stop
     # gracefully: the step in flight finishes and a checkpoint is written, as with
     # `harpo stop`; a second signal aborts.
-    with StopSignals(trainer.control) as signals:
+    with StopSignals(trainer.control, trainer.run_dir.checkpoints) as signals:
         for name, address in trainer.endpoints.addresses.items():
             print(f"{name} endpoint: {address}", flush=True)
         try:
             rows = trainer.run()
-        finally:
+        except KeyboardInterrupt:  # a second signal: abort now, Ray's exit hook ends the actors
+            raise
+        except BaseException:
             trainer.shutdown()
+            raise
+        trainer.shutdown()
     return report_train(config, trainer, rows, signals)
 
 
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except KeyboardInterrupt as exc:  # Ctrl-C before the run's handlers, or a second one
         name = str(exc) or "SIGINT"
-        print(f"harpo: aborted by {name}", file=sys.stderr, flush=True)
+        print(f"harpo: aborted by {name}; the checkpoints already written are intact",
+              file=sys.stderr, flush=True)
         return 143 if name == "SIGTERM" else 130
     except Exception as exc:  # noqa: BLE001 - explain() re-raises what it cannot explain
         from services.cli_run import report_error

@@ -129,8 +129,9 @@ class StopSignals:
     cut in half), a checkpoint is written and the loop ends; a second signal aborts at once
     (checkpoints are atomic renames, so the last one stays intact)."""
 
-    def __init__(self, control):
+    def __init__(self, control, checkpoints: Path | None = None):
         self.control = control
+        self.checkpoints = checkpoints  # where a failed or aborted run may leave a .tmp-*
         self.received: int | None = None
         self._previous: dict = {}
 
@@ -139,9 +140,14 @@ class StopSignals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def __exit__(self, exc_type, *exc) -> None:
+        # The loop is over and its checkpoint written: a signal now (while Ray shuts down,
+        # in its atexit hook) ends the process at once instead of a traceback from Ray's
+        # shutdown; Ray's own processes share its fate.
+        for sig in self._previous:
+            signal.signal(sig, _exit_now)
+        if exc_type is not None and self.checkpoints is not None:
+            remove_partial_checkpoints(self.checkpoints)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -157,6 +163,21 @@ class StopSignals:
     @property
     def name(self) -> str | None:
         return None if self.received is None else signal.Signals(self.received).name
+
+
+def _exit_now(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    os.write(2, f"\nharpo: {name} while shutting down: exiting now\n".encode())
+    os._exit(SIGNAL_EXIT.get(signum, 1))
+
+
+def remove_partial_checkpoints(checkpoints: Path) -> None:
+    """Remove the checkpoint this process was writing when it failed or was aborted (a
+    ``.tmp-*-PID`` directory: never renamed into place, so never used by --resume)."""
+    import shutil
+
+    for partial in Path(checkpoints).glob(f".tmp-*-{os.getpid()}"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- after

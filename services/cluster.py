@@ -29,8 +29,12 @@ def apply_env_defaults() -> None:
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None,
-            working_dir_env: dict | None = None) -> None:
-    """``ray.init`` on an embedded instance (address None) or an existing cluster."""
+            working_dir_env: dict | None = None, survive_group_sigterm: bool = False) -> None:
+    """``ray.init`` on an embedded instance (address None) or an existing cluster.
+
+    ``survive_group_sigterm``: the embedded instance's processes ignore a SIGTERM sent to the
+    whole process group, so the driver can still checkpoint (``harpo train``); the price is
+    about 1 s per Ray process (5) when Ray shuts down, as each is killed after a 1 s grace."""
     apply_env_defaults()
     import ray
 
@@ -41,15 +45,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if address is None:
         # Logical CPUs: stages of a synchronous step take turns, so actors may share cores.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
-        # A signal to the whole process group (Ctrl-C, `kill -- -PGID`) reaches the embedded
-        # Ray's processes too. Ray blocks SIGINT in them; SIGTERM is blocked here while they
-        # start (they inherit the mask), so the GCS and the workers outlive a group SIGTERM
-        # and the driver can finish its step and write its checkpoint (it shuts them down
-        # itself: terminate, then kill after 1 s). Should the GCS die anyway, the driver
-        # waits this long to reconnect (Ray's default: 60 s); an embedded GCS never returns.
+        # A signal to the whole process group (Ctrl-C, `kill -- -PGID`, systemd, Slurm)
+        # reaches the embedded Ray's processes too. Ray blocks SIGINT in them; with
+        # survive_group_sigterm SIGTERM is blocked here while they start (they inherit the
+        # mask), so the GCS and the workers outlive a group SIGTERM and the driver can finish
+        # its step and write its checkpoint. Should the GCS die anyway, the driver waits this
+        # long to reconnect (Ray's default: 60 s); an embedded GCS never comes back.
         os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "5")
         temp_dir = tempfile.mkdtemp(prefix="harpo-ray-")
-        blocked = _block_sigterm()
+        blocked = _block_sigterm() if survive_group_sigterm else None
         try:
             ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir,
                      runtime_env=runtime_env, log_to_driver=True)
