@@ -103,3 +103,29 @@ def test_sigterm_to_the_group_checkpoints_without_hanging(tiny_assets, tmp_path)
     done = int(stop_line[0].split()[3])
     assert (run_dir / "checkpoints" / f"step-{done:06d}").is_dir()
     assert time.monotonic() - sent < 60  # a step, a checkpoint and the shutdown; no GCS wait
+
+
+def test_second_ctrl_c_aborts_without_leaving_a_partial_checkpoint(tiny_assets, tmp_path):
+    from services.run_dir import RunDir
+
+    config, run_dir = _config(tiny_assets, tmp_path, "aborted")
+    proc = _harpo("train", str(config), start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no metrics row in 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    # the second signal lands mid-step (abort) or, if the stop was quicker, during shut-down
+    assert ("harpo: aborted by SIGINT; the checkpoints already written are intact" in err
+            or "harpo: SIGINT while shutting down: exiting now" in err), err
+    checkpoints = run_dir / "checkpoints"
+    assert not list(checkpoints.glob(".tmp-*"))
+    run = RunDir(run_dir)
+    assert all(run.verify(path) is None for path in run.list_checkpoints())
