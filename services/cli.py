@@ -199,11 +199,22 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default, except where there is none (None, False) or the help
+    text already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harpo",
         description="HARPO: heterogeneity-aware RL post-training for multi-task LLMs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"harpo {_version()}")
     parser.add_argument("--debug", action="store_true",
@@ -303,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)
     for command in sub.choices.values():  # --debug after the command too; defaults in --help
-        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        command.formatter_class = _HelpFormatter
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error")
     return parser
