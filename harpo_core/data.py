@@ -230,7 +230,11 @@ def _read_file(
     default_task_type: str | Mapping[str, str] | None,
     rows: _Rows,
 ) -> None:
-    available = pq.ParquetFile(file).schema_arrow.names
+    try:
+        available = pq.ParquetFile(file).schema_arrow.names
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{file}: not a readable parquet file ({exc}); the file is truncated "
+                         f"or corrupt: copy or regenerate it") from None
     required = [columns.prompt, columns.answer, columns.task]
     if default_task_type is None:
         required.append(columns.task_type)
@@ -242,7 +246,11 @@ def _read_file(
         )
     optional = [columns.dataset, columns.task_type, *columns.modality]
     wanted = list(dict.fromkeys(required + [c for c in optional if c in available]))
-    table = pq.read_table(file, columns=wanted)
+    try:
+        table = pq.read_table(file, columns=wanted)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{file}: not a readable parquet file ({exc}); the file is truncated "
+                         f"or corrupt: copy or regenerate it") from None
 
     text = {c: _string_values(table, c, file) for c in (columns.prompt, columns.answer,
                                                         columns.task)}

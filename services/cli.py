@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +15,13 @@ def _override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected SECTION.FIELD=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the value {value!r} is not valid YAML ({problem}); quote a string, "
+            f"e.g. --set '{key}=\"{value}\"'") from None
 
 
 # ---------------------------------------------------------------------------- commands
@@ -94,32 +99,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, config, resume: bool) -> int:
+    from services.cli_run import StopSignals, check_before_start, report_train
+
     print("# resolved configuration\n" + config.to_yaml(), flush=True)
+    check_before_start(config, resume=resume)  # before Ray starts and anything is written
     from services.cluster import connect
 
-    connect(args.address)
+    args.started = True
+    connect(args.address, survive_group_sigterm=True)
     from services.controller import Trainer
     from services.run_owner import record_config
 
     trainer = Trainer(config, resume=resume)
     record_config(trainer, resume=resume, overrides=dict(args.set or []),
                   note=getattr(args, "resume_note", None))
-    # SIGTERM (a Kubernetes pod eviction, `ray job stop`) stops gracefully: the step in
-    # flight finishes and a checkpoint is written, as with `harpo stop`.
-    signal.signal(signal.SIGTERM, lambda *_: trainer.control.request_stop())
-    for name, address in trainer.endpoints.addresses.items():
-        print(f"{name} endpoint: {address}", flush=True)
-    try:
-        rows = trainer.run()
-    finally:
+    # SIGINT (Ctrl-C) and SIGTERM (a Kubernetes pod eviction, `ray job stop`) stop
+    # gracefully: the step in flight finishes and a checkpoint is written, as with
+    # `harpo stop`; a second signal aborts.
+    with StopSignals(trainer.control, trainer.run_dir.checkpoints) as signals:
+        for name, address in trainer.endpoints.addresses.items():
+            print(f"{name} endpoint: {address}", flush=True)
+        try:
+            rows = trainer.run()
+        except KeyboardInterrupt:  # a second signal: abort now, Ray's exit hook ends the actors
+            raise
+        except BaseException:
+            trainer.shutdown()
+            raise
         trainer.shutdown()
-    last = rows[-1] if rows else None
-    if last is not None:
-        print(f"finished step {last['step'] + 1}/{config.run.steps}: mean reward "
-              f"{last['reward_mean']:.3f}; run directory {config.run.output_dir}")
-    else:
-        print(f"nothing to do: the run already completed {config.run.steps} steps")
-    return 0
+    return report_train(config, trainer, rows, signals)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -140,21 +148,31 @@ def _eval(args: argparse.Namespace, config) -> int:
     goes to stdout only."""
     import json
 
-    from services.cluster import connect
-
-    connect(args.address)
-    from services.controller import Trainer
+    from services.cli_run import check_before_start, format_eval
 
     config = config.model_copy(update={
         "observability": config.observability.model_copy(update={"metrics_port": None}),
         "control": config.control.model_copy(update={"port": None}),
     })
+    plan = check_before_start(config, resume=bool(args.resume),
+                              splits=(args.split or config.data.eval_split,), ports=False)
+    from services.cluster import connect
+
+    args.started = True
+    connect(args.address)
+    from services.controller import Trainer
+
     trainer = Trainer(config, resume=bool(args.resume), mode="eval")
     try:
         result = trainer.evaluate(split=args.split, per_task=args.per_task)
     finally:
         trainer.shutdown()
-    print(json.dumps(result, indent=1, sort_keys=True))
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+        return 0
+    evaluated = plan.checkpoint or f"{plan.model_dir} (model.path, untrained)"
+    print(f"evaluated {evaluated} on split {args.split or config.data.eval_split!r}\n"
+          + format_eval(result))
     return 0
 
 
@@ -201,7 +219,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_init_tiny(args: argparse.Namespace) -> int:
+    from services.cli_run import check_init_tiny_out
     from services.tiny.model import init_tiny
+
+    check_init_tiny_out(args.out)
 
     assets = init_tiny(args.out, seed=args.seed, n_train_per_task=args.train_per_task,
                        n_test_per_task=args.test_per_task)
@@ -210,25 +231,46 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
+    from services.cli_run import check_sft_args
     from services.run_lock import hold
 
+    check_sft_args(args.model, args.data, args.out)  # before the model is loaded
     with hold(args.out):  # refused before torch is imported
         from services.tiny.sft import sft
 
         metrics = sft(args.model, args.data, args.out, steps=args.steps,
-                      max_seconds=args.seconds, lr=args.lr, progress=sys.stderr.isatty())
-    print({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
+                      max_seconds=args.seconds, lr=args.lr, progress=True)
+    print(f"sft: {metrics['steps']} steps in {metrics['train_seconds']:.1f} s on "
+          f"{metrics['examples']} examples; loss {metrics['loss_first']:.4f} -> "
+          f"{metrics['loss_last']:.4f}" + (" (stopped early by --seconds)"
+                                           if metrics["stopped_early"] else "")
+          + f"\nmodel saved to {args.out} (metrics: {Path(args.out) / 'sft_metrics.json'})")
     return 0
 
 
 # ---------------------------------------------------------------------------- parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default, except where there is none (None, False) or the help
+    text already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harpo",
         description="HARPO: heterogeneity-aware RL post-training for multi-task LLMs.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"harpo {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_run_args(p):
@@ -274,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.add_argument("--split", default=None, help="data split (default: data.eval_split)")
     p.add_argument("--per-task", type=positive_int, default=None, help="prompts per task")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("demo", help="the embedded default run: tiny model, SFT, HARPO RL",
@@ -298,36 +341,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tiny", help="build a tiny Qwen2 model and the synthetic task suite")
     p.add_argument("out", help="output directory (model/ and data/ go inside)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-per-task", type=positive_int, default=2000)
-    p.add_argument("--test-per-task", type=positive_int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
+    p.add_argument("--train-per-task", type=positive_int, default=2000,
+                   help="train prompts per task")
+    p.add_argument("--test-per-task", type=positive_int, default=100,
+                   help="test prompts per task")
     p.set_defaults(fn=_cmd_init_tiny)
 
     p = sub.add_parser("sft", help="supervised warm start on a suite's train split")
     p.add_argument("--model", required=True, help="model directory (HF format)")
     p.add_argument("--data", required=True, help="data directory (parquet shards)")
     p.add_argument("--out", required=True, help="where the fine-tuned model goes")
-    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--steps", type=positive_int, default=600, help="optimizer steps")
     p.add_argument("--seconds", type=float, default=None,
                    help="optional safety cap: stop after this many seconds (the lr schedule "
                         "follows --steps, so a capped run is not reproducible)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.set_defaults(fn=_cmd_sft)
 
     for name, help_text in [("simulate", "run the HARPO modulator on synthetic rewards")]:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--steps", type=positive_int, default=200,
-                       help="steps to simulate (default 200)")
+                       help="steps to simulate")
         p.add_argument("--group-size", type=positive_int, default=5,
                        help="rollouts per prompt")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--zero-signal", choices=["exclude", "floor"], default="exclude")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
+        p.add_argument("--zero-signal", choices=["exclude", "floor"], default="exclude",
+                       help="how groups without signal count")
         p.set_defaults(fn=_cmd_simulate)
 
     from services.control.cli import add_parsers  # status, modulator, scale, ..., stop
 
     add_parsers(sub)
+    for command in sub.choices.values():  # --debug after the command too; defaults in --help
+        command.formatter_class = _HelpFormatter
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("harpo")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,11 +394,18 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_env_defaults()  # before torch is imported: some settings are read at import
     args = build_parser().parse_args(argv)
+    args.started = False  # set by a command once Ray starts: failures after it exit 1
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"harpo: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C before the run's handlers, or a second one
+        name = str(exc) or "SIGINT"
+        print(f"harpo: aborted by {name}; the checkpoints already written are intact",
+              file=sys.stderr, flush=True)
+        return 143 if name == "SIGTERM" else 130
+    except Exception as exc:  # noqa: BLE001 - explain() re-raises what it cannot explain
+        from services.cli_run import report_error
+
+        return report_error(exc, started=args.started, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -320,6 +320,9 @@ def parse_config(data: dict, source: str = "config") -> TrainConfig:
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read, merge ``overrides`` (nested dict) into, and validate a YAML config file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file "
+                          f"(e.g. examples/tiny.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     # Relative paths in a config file are relative to the file.
@@ -353,6 +356,12 @@ def _merge(data: dict, key: str, value: Any) -> None:
     """Set ``a.b.c`` style keys in a nested dict."""
     *parents, leaf = key.split(".")
     node = data
-    for part in parents:
+    for depth, part in enumerate(parents):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[:depth + 1])
+            raise ConfigError(f"--set {key}: {where} is a value ({node!r}), not a section with "
+                              f"fields; did you mean --set {where}=...?")
+    if not isinstance(node, dict):  # data itself is checked by the caller
+        raise ConfigError(f"--set {key}: not a section")
     node[leaf] = value

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harpo_core.data import DataColumns, PromptSet, load_prompts
 from services.chat import tokenize_prompts
 from services.config import TrainConfig
-from services.rollout.worker import RolloutRequest
+
+if TYPE_CHECKING:  # imported when requests are cut: loading data must not import Ray
+    from services.rollout.worker import RolloutRequest
 
 
 class DataError(ValueError):
@@ -76,6 +79,8 @@ class TokenizedPrompts:
     def requests(self, indices: np.ndarray, *, step: int, version: int, seed: int,
                  seed_tag: str, chunk_prompts: int) -> list[RolloutRequest]:
         """Cut ``indices`` (rows of the prompt set) into requests of ``chunk_prompts``."""
+        from services.rollout.worker import RolloutRequest
+
         positions = np.arange(indices.size)
         chunks = [positions[i:i + chunk_prompts] for i in range(0, indices.size, chunk_prompts)]
         p = self.prompts
