@@ -78,15 +78,29 @@ def _resumed(args: argparse.Namespace, config, overrides: dict):
 
 
 def _claim_for_training(args: argparse.Namespace, config) -> tuple[bool, object]:
-    """Whether the run resumes, and the run directory's lock (held until the command ends)."""
+    """Whether the run resumes, and the run directory's lock (held until the command ends).
+
+    In order, each before anything in the directory changes: the output directory can hold a
+    run at all; no other harpo process has it; a new run does not land on an earlier one; every
+    input of the run checks out (services/preflight.py). Only then does ``--overwrite`` move
+    the earlier run aside."""
+    from services.cli_run import check_before_start
+    from services.preflight import check_output_dir
     from services.run_dir import RunDir
-    from services.run_owner import claim_for_training, warn
+    from services.run_owner import claim_for_training, move_earlier_run, warn
 
     job = getattr(args, "config_env", None) is not None
     resume = bool(args.resume) or (
         job and RunDir(config.run.output_dir).latest_valid_checkpoint() is not None)
+    check_output_dir(config.run.output_dir)
     lock = claim_for_training(config, resume=resume, overwrite=args.overwrite,
                               move_unfinished=job)
+    try:
+        check_before_start(config, resume=resume)  # before Ray starts and anything is written
+        move_earlier_run(config, resume=resume)
+    except BaseException:
+        lock.release()
+        raise
     warn(getattr(args, "resume_note", None))
     return resume, lock
 
@@ -99,10 +113,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, config, resume: bool) -> int:
-    from services.cli_run import StopSignals, check_before_start, report_train
+    from services.cli_run import StopSignals, report_train
 
     print("# resolved configuration\n" + config.to_yaml(), flush=True)
-    check_before_start(config, resume=resume)  # before Ray starts and anything is written
     from services.cluster import connect
 
     args.started = True
@@ -155,7 +168,8 @@ def _eval(args: argparse.Namespace, config) -> int:
         "control": config.control.model_copy(update={"port": None}),
     })
     plan = check_before_start(config, resume=bool(args.resume),
-                              splits=(args.split or config.data.eval_split,), ports=False)
+                              splits=(args.split or config.data.eval_split,), ports=False,
+                              quiet=args.json)
     from services.cluster import connect
 
     args.started = True

@@ -82,7 +82,7 @@ def report_error(exc: BaseException, *, started: bool, debug: bool) -> int:
 
 
 def check_before_start(config, *, resume: bool, splits=None, ports: bool = True,
-                       output: bool = True):
+                       output: bool = True, quiet: bool = False):
     """:func:`services.preflight.preflight`, timed, before Ray starts."""
     import time
 
@@ -90,6 +90,8 @@ def check_before_start(config, *, resume: bool, splits=None, ports: bool = True,
 
     t0 = time.perf_counter()
     plan = preflight(config, resume=resume, splits=splits, ports=ports, output=output)
+    if quiet:  # the output is for machines (--json)
+        return plan
     tasks = ", ".join(f"{k} {v}" for k, v in plan.tasks.items())
     print(f"preflight: model {plan.model_dir} ({plan.weights_bytes / 2**20:.1f} MiB), "
           f"train prompts: {tasks or '-'} ({time.perf_counter() - t0:.1f} s)", flush=True)

@@ -64,8 +64,10 @@ class RunLock:
         self.command = command or command_line()
         self._fd: int | None = None
         self.took_over: dict | None = None  # the record of a dead holder this lock replaced
+        self._created = False  # the directory was made for the lock: removed again if empty
 
     def acquire(self) -> RunLock:
+        self._created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -91,6 +93,7 @@ class RunLock:
             self._check_leftover(fd)
         except BaseException:
             os.close(fd)
+            self._remove_if_created()
             raise
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "since": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -126,6 +129,14 @@ class RunLock:
                 self.path.unlink()
         os.close(self._fd)
         self._fd = None
+        self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        """A command that made the directory for its lock and then wrote nothing there (it
+        was refused, or failed before starting) leaves no directory behind."""
+        if self._created:
+            with contextlib.suppress(OSError):  # not empty: it holds what the command made
+                self.directory.rmdir()
 
     def __enter__(self) -> RunLock:
         return self if self._fd is not None else self.acquire()

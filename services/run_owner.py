@@ -43,28 +43,35 @@ def claim_for_training(config, *, resume: bool, overwrite: bool,
                        move_unfinished: bool = False) -> RunLock:
     """Lock ``run.output_dir`` and make sure a new run may start there; returns the held lock.
 
-    ``move_unfinished``: a job attempt that finds a run without a valid checkpoint (an earlier
-    attempt that died before its first one) moves it aside instead of refusing."""
+    Nothing in the directory changes here: an earlier run that ``--overwrite`` (or, with
+    ``move_unfinished``, a job attempt that died before its first checkpoint) is to replace is
+    moved aside by :func:`move_earlier_run` once the new run's inputs are checked."""
     root = Path(config.run.output_dir)
     lock = RunLock(root, command_line()).acquire()
     try:
         if resume and overwrite:
             raise ValueError("--overwrite starts a new run; it cannot be given with --resume")
-        run = RunDir(root)
-        found = [] if resume else run.run_files()
-        if found:
-            if not (overwrite or move_unfinished):
-                raise RunDirTaken(
-                    f"{root} already holds a run ({', '.join(found)}); nothing in it was "
-                    f"changed. Continue it with `harpo train --resume {root}`, train into "
-                    f"another directory with `--set run.output_dir=DIR`, or move the old run "
-                    f"aside with `--overwrite`")
-            aside = run.move_aside(keep=(LOCK_FILE,))
-            print(f"moved the earlier run in {root} to {aside}", flush=True)
+        found = [] if resume else RunDir(root).run_files()
+        if found and not (overwrite or move_unfinished):
+            raise RunDirTaken(
+                f"{root} already holds a run ({', '.join(found)}); nothing in it was "
+                f"changed. Continue it with `harpo train --resume {root}`, train into "
+                f"another directory with `--set run.output_dir=DIR`, or move the old run "
+                f"aside with `--overwrite`")
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def move_earlier_run(config, *, resume: bool) -> None:
+    """A new run into a directory that holds one (allowed by :func:`claim_for_training`):
+    the earlier run moves to ``RUN_DIR.old-…``, never deleted."""
+    run = RunDir(config.run.output_dir)
+    if resume or not run.run_files():
+        return
+    aside = run.move_aside(keep=(LOCK_FILE,))
+    print(f"moved the earlier run in {run.root} to {aside}", flush=True)
 
 
 def record_config(trainer, *, resume: bool, overrides: dict, note: str | None) -> None:

@@ -164,7 +164,8 @@ def test_data_error_leaves_an_existing_run_directory_alone(assets, tmp_path, cap
     (run / "config.yaml").write_text("old: config\n")
     before = snapshot(run)
     config = write_config(tmp_path, model, data, data={"tasks": ["chess"]})
-    status, err = refused(capsys, "train", str(config))
+    # --overwrite: the new run would replace the old one, but its inputs are checked first
+    status, err = refused(capsys, "train", str(config), "--overwrite")
     assert status == 2 and "unknown task(s) ['chess']" in err
     assert snapshot(run) == before
 

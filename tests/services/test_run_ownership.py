@@ -282,7 +282,7 @@ def test_eval_of_a_run_changes_nothing_in_it(finished_run, tiny_assets, tmp_path
     sampler = run / "checkpoints/step-000002/sampler.json"
     sampler.write_text(sampler.read_text().replace("1", "7", 1))
     before = files(run)
-    status, out, err = harpo_here(capsys, "eval", "--resume", run)
+    status, out, err = harpo_here(capsys, "eval", "--resume", run, "--json")
     assert status == 0, err
     assert set(json.loads(out)) == {"reward", "accuracy", "reward_format", "rollouts"}
     assert err == (f"note: {run}/config.yaml names run.output_dir {finished_run} (a copied run "
@@ -290,7 +290,8 @@ def test_eval_of_a_run_changes_nothing_in_it(finished_run, tiny_assets, tmp_path
     assert files(run) == before
 
     config = write_config(tmp_path / "base.yaml", tiny_assets, tmp_path / "elsewhere")
-    status, out, err = harpo_here(capsys, "eval", config, "--set", f"run.output_dir={run}")
+    status, out, err = harpo_here(capsys, "eval", config, "--set", f"run.output_dir={run}",
+                                   "--json")
     assert status == 0, err
     assert set(json.loads(out)["reward"]) == set(json.loads(out)["accuracy"])
     assert files(run) == before
