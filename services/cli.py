@@ -77,37 +77,13 @@ def _resumed(args: argparse.Namespace, config, overrides: dict):
     return config
 
 
-def _claim_for_training(args: argparse.Namespace, config) -> tuple[bool, object]:
-    """Whether the run resumes, and the run directory's lock (held until the command ends).
-
-    In order, each before anything in the directory changes: the output directory can hold a
-    run at all; no other harpo process has it; a new run does not land on an earlier one; every
-    input of the run checks out (services/preflight.py). Only then does ``--overwrite`` move
-    the earlier run aside."""
-    from services.cli_run import check_before_start
-    from services.preflight import check_output_dir
-    from services.run_dir import RunDir
-    from services.run_owner import claim_for_training, move_earlier_run, warn
-
-    job = getattr(args, "config_env", None) is not None
-    resume = bool(args.resume) or (
-        job and RunDir(config.run.output_dir).latest_valid_checkpoint() is not None)
-    check_output_dir(config.run.output_dir)
-    lock = claim_for_training(config, resume=resume, overwrite=args.overwrite,
-                              move_unfinished=job)
-    try:
-        check_before_start(config, resume=resume)  # before Ray starts and anything is written
-        move_earlier_run(config, resume=resume)
-    except BaseException:
-        lock.release()
-        raise
-    warn(getattr(args, "resume_note", None))
-    return resume, lock
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _load_train_config(args)
-    resume, lock = _claim_for_training(args, config)
+    from services.run_owner import claim_and_check
+
+    resume, lock = claim_and_check(config, resume=bool(args.resume), overwrite=args.overwrite,
+                                   job=getattr(args, "config_env", None) is not None,
+                                   note=getattr(args, "resume_note", None))
     with lock:
         return _train(args, config, resume)
 
@@ -276,63 +252,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="harpo",
-        description="HARPO: heterogeneity-aware RL post-training for multi-task LLMs.",
-        formatter_class=_HelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"harpo {_version()}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (also after the command)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add_run_args(p):
-        p.add_argument("config", nargs="?", help="YAML run configuration")
-        p.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue a run from its latest valid checkpoint")
-        p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
-        p.add_argument("--set", action="append", type=_override, metavar="SECTION.FIELD=VALUE",
-                       help="override a config field, e.g. --set run.steps=50 (repeatable)")
-        p.add_argument("--config-env", metavar="VAR", help=argparse.SUPPRESS)  # harpo submit
-
-    p = sub.add_parser("train", help="train with a YAML config",
-                       description="Train with a YAML config on embedded Ray or a cluster.")
-    add_run_args(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a directory that holds one: the old run is moved "
-                        "to RUN_DIR.old-YYYYmmdd-HHMMSS (nothing is deleted)")
-    p.set_defaults(fn=_cmd_train)
-
-    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Jobs API)",
-                       description="Validate CONFIG here, then run `harpo train` on a Ray "
-                                   "cluster through its Job Submission API.")
-    p.add_argument("config", help="YAML run configuration (paths in it are cluster paths)")
-    p.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS or "
-                                     "http://127.0.0.1:8265)")
-    p.add_argument("--working-dir", help="a local directory to ship with the job")
-    p.add_argument("--job-id", help="submission id (default: Ray picks one)")
-    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """CONFIG, --resume, --address and --set: how train and eval name their run."""
+    p.add_argument("config", nargs="?", help="YAML run configuration")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its latest valid checkpoint")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--set", action="append", type=_override, metavar="SECTION.FIELD=VALUE",
-                   help="override a config field (repeatable)")
-    p.set_defaults(fn=_cmd_submit, resume=None, config_env=None)
+                   help="override a config field, e.g. --set run.steps=50 (repeatable)")
+    p.add_argument("--config-env", metavar="VAR", help=argparse.SUPPRESS)  # harpo submit
 
-    p = sub.add_parser("logs", help="print (or --follow) a submitted job's logs")
-    p.add_argument("job", help="job id printed by harpo submit")
-    p.add_argument("--address", help="Ray dashboard address")
-    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
-    p.set_defaults(fn=_cmd_logs)
 
-    p = sub.add_parser("eval", help="held-out reward per task of a config's model or a run",
-                       description="Held-out evaluation per task: greedy by default; the "
-                                   "policy's sampled reward with --set data.eval_temperature=T "
-                                   "--set data.eval_samples=K.")
-    add_run_args(p)
-    p.add_argument("--split", default=None, help="data split (default: data.eval_split)")
-    p.add_argument("--per-task", type=positive_int, default=None, help="prompts per task")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(fn=_cmd_eval)
-
+def _add_local_commands(sub) -> None:
+    """demo, init-tiny, sft and simulate: what runs on this machine without a config."""
     p = sub.add_parser("demo", help="the embedded default run: tiny model, SFT, HARPO RL",
                        description="Build a tiny model and task suite, warm-start it, train "
                                    "it with HARPO on local Ray, and report per-task results.")
@@ -383,6 +315,57 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--zero-signal", choices=["exclude", "floor"], default="exclude",
                        help="how groups without signal count")
         p.set_defaults(fn=_cmd_simulate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harpo",
+        description="HARPO: heterogeneity-aware RL post-training for multi-task LLMs.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"harpo {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also after the command)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train with a YAML config",
+                       description="Train with a YAML config on embedded Ray or a cluster.")
+    _add_run_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a directory that holds one: the old run is moved "
+                        "to RUN_DIR.old-YYYYmmdd-HHMMSS (nothing is deleted)")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Jobs API)",
+                       description="Validate CONFIG here, then run `harpo train` on a Ray "
+                                   "cluster through its Job Submission API.")
+    p.add_argument("config", help="YAML run configuration (paths in it are cluster paths)")
+    p.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS or "
+                                     "http://127.0.0.1:8265)")
+    p.add_argument("--working-dir", help="a local directory to ship with the job")
+    p.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    p.add_argument("--set", action="append", type=_override, metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (repeatable)")
+    p.set_defaults(fn=_cmd_submit, resume=None, config_env=None)
+
+    p = sub.add_parser("logs", help="print (or --follow) a submitted job's logs")
+    p.add_argument("job", help="job id printed by harpo submit")
+    p.add_argument("--address", help="Ray dashboard address")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    p.set_defaults(fn=_cmd_logs)
+
+    p = sub.add_parser("eval", help="held-out reward per task of a config's model or a run",
+                       description="Held-out evaluation per task: greedy by default; the "
+                                   "policy's sampled reward with --set data.eval_temperature=T "
+                                   "--set data.eval_samples=K.")
+    _add_run_args(p)
+    p.add_argument("--split", default=None, help="data split (default: data.eval_split)")
+    p.add_argument("--per-task", type=positive_int, default=None, help="prompts per task")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(fn=_cmd_eval)
+
+    _add_local_commands(sub)
 
     from services.control.cli import add_parsers  # status, modulator, scale, ..., stop
 

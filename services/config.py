@@ -25,6 +25,7 @@ from harpo_core.rewards import RewardConfig
 from services.config_algorithm import AlgorithmSection
 from services.config_base import Fraction, PositiveInt, Section, is_loopback
 from services.learner_strategies import STRATEGIES
+from services.rollout.backend import SamplingParams
 from services.rollout.registry import BACKENDS
 from services.weight_sync import WEIGHT_SYNCS
 
@@ -107,6 +108,9 @@ class AutoscaleSection(Section):
         return self
 
 
+_SAMPLING = SamplingParams()
+
+
 class RolloutSection(Section):
     # a services/rollout/<name>_backend.py module (services.rollout.registry)
     backend: Annotated[str, AfterValidator(BACKENDS.check)] = "hf"
@@ -120,9 +124,10 @@ class RolloutSection(Section):
     max_staleness: Annotated[int, Field(ge=0, le=1)] = 0
     autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
     group_size: Annotated[int, Field(ge=2)] = 5
-    max_new_tokens: PositiveInt = 64
-    temperature: Annotated[float, Field(gt=0.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # sampling (services.rollout.backend.SamplingParams holds the defaults)
+    max_new_tokens: PositiveInt = _SAMPLING.max_new_tokens
+    temperature: Annotated[float, Field(gt=0.0)] = _SAMPLING.temperature
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = _SAMPLING.top_p
     stop: list[str] = Field(default_factory=list)  # extra stop strings
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0

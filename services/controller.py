@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoTokenizer
 from harpo_core.data import TaskStratifiedSampler
 from services.actors import ActorSet
 from services.advantages import step_advantages
+from services.autoscale import autoscale_target
 from services.config import TrainConfig
 from services.endpoints import Endpoints
 from services.learner import LearnerFailure
@@ -39,14 +40,11 @@ from services.progress import StepProgress
 from services.prompts import TokenizedPrompts
 from services.rollout.backend import SamplingParams
 from services.rollout.pool import StepRollouts
-from services.run_dir import RunDir, write_json
+from services.run_dir import ESTIMATOR_STATE, RunDir, read_estimator_state, write_json
 from services.step_record import StageTimer, StepRecord, metrics_row, per_task_means
 from services.trainer_control import TrainerControl
 
 log = logging.getLogger(__name__)
-
-ESTIMATOR_STATE = "estimator.json"
-
 
 class Trainer:
     """Builds the actors for a config and runs training steps; Ray must be initialised."""
@@ -80,7 +78,7 @@ class Trainer:
                 f"{self.run_dir.root} already holds a run ({', '.join(found)}); resume it, or "
                 f"train into another directory")
         try:
-            self._setup(checkpoint, fresh_run=not resume)
+            self._setup(checkpoint)
             if mode == "train":
                 self.endpoints.start(self.control, self.run_dir.root,
                                      len(self.actors.pool.workers))
@@ -104,12 +102,9 @@ class Trainer:
             self.run_dir.truncate_metrics(self.completed_steps)
         return self.run_dir.root
 
-    def _setup(self, checkpoint: Path | None, *, fresh_run: bool) -> None:
-        """Everything a run holds between steps, from the model directory or a checkpoint.
-
-        The model and the data are checked before anything in the run directory changes.
-        (``fresh_run``: the first set-up of a run that did not resume; ``__init__`` writes its
-        ``config.yaml`` once it has started.)"""
+    def _setup(self, checkpoint: Path | None) -> None:
+        """Everything a run holds between steps, from the model directory or a checkpoint;
+        the model and the data are checked before anything in the run directory changes."""
         config = self.config
         self.completed_steps = 0  # steps completed
         self.version = 0  # policy version of the learners' weights: the one version counter
@@ -120,7 +115,7 @@ class Trainer:
             state = json.loads((checkpoint / "trainer.json").read_text())
             self.completed_steps, self.version = state["completed_steps"], state["version"]
             model_dir = str(checkpoint / "model")
-            estimator_state = _estimator_state(checkpoint)
+            estimator_state = read_estimator_state(checkpoint)
         self._check_model(model_dir)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -282,7 +277,7 @@ class Trainer:
         self.actors.shutdown()
         self._count_restart("learner")
         self._count_restart("job")
-        self._setup(checkpoint, fresh_run=False)
+        self._setup(checkpoint)
         workers = len(self.actors.pool.workers)
         self.endpoints.set_rollout_workers(workers, desired=workers)
 
@@ -293,16 +288,9 @@ class Trainer:
         if self._cooldown > 0:
             self._cooldown -= 1
             return
-        # Asynchronous mode generates during the update: what counts is how long the step
-        # waited for its rollouts.
-        waited = timing["rollout_wait_s" if self.config.rollout.max_staleness else "generate_s"]
-        share = waited / max(timing["step_s"], 1e-9)
         workers = len(self.actors.pool.workers)
-        target = workers
-        if share > policy.target_generate_share + policy.tolerance:
-            target = min(workers + 1, policy.max_workers)
-        elif share < policy.target_generate_share - policy.tolerance:
-            target = max(workers - 1, policy.min_workers)
+        target, share = autoscale_target(policy, timing, workers,
+                                         asynchronous=bool(self.config.rollout.max_staleness))
         if target != workers:
             log.info("autoscale: generation took %.0f%% of the step; rollout workers %d -> %d",
                      100 * share, workers, target)
@@ -407,12 +395,3 @@ class Trainer:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
-
-
-def _estimator_state(checkpoint: Path) -> dict:
-    """The estimator's state in a checkpoint (``modulator.json`` in those written before the
-    estimator's state had one file for every estimator)."""
-    for name in (ESTIMATOR_STATE, "modulator.json"):
-        if (checkpoint / name).is_file():
-            return json.loads((checkpoint / name).read_text())
-    return json.loads((checkpoint / "trainer.json").read_text()).get("estimator") or {}

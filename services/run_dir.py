@@ -36,6 +36,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
+ESTIMATOR_STATE = "estimator.json"  # the advantage estimator's state (HARPO's modulator)
 
 
 def _sha256(path: Path) -> str:
@@ -199,3 +200,12 @@ class RunDir:
                 return path
             log.warning("skipping checkpoint %s: %s", path, problem)
         return None
+
+
+def read_estimator_state(checkpoint: Path) -> dict:
+    """The estimator's state in a checkpoint (``modulator.json``, or the ``estimator`` entry
+    of ``trainer.json``, in checkpoints written before every estimator's state had one file)."""
+    for name in (ESTIMATOR_STATE, "modulator.json"):
+        if (checkpoint / name).is_file():
+            return json.loads((checkpoint / name).read_text())
+    return json.loads((checkpoint / "trainer.json").read_text()).get("estimator") or {}

@@ -98,3 +98,29 @@ def lock_for_reading(run_dir: str | Path | None) -> RunLock | None:
 def warn(note: str | None, stream=None) -> None:
     if note:
         print(f"note: {note}", file=stream or sys.stdout, flush=True)
+
+
+def claim_and_check(config, *, resume: bool, overwrite: bool, job: bool, note: str | None
+                    ) -> tuple[bool, RunLock]:
+    """``harpo train``'s way in: whether the run resumes, and the run directory's lock (held
+    until the command ends).
+
+    In order, each before anything in the directory changes: the output directory can hold a
+    run at all; no other harpo process has it; a new run does not land on an earlier one; every
+    input of the run checks out (services/preflight.py). Only then does ``--overwrite`` (or a
+    job's retry, ``job``) move the earlier run aside."""
+    from services.cli_run import check_before_start
+    from services.preflight import check_output_dir
+
+    resume = resume or (job and RunDir(config.run.output_dir).latest_valid_checkpoint()
+                        is not None)
+    check_output_dir(config.run.output_dir)
+    lock = claim_for_training(config, resume=resume, overwrite=overwrite, move_unfinished=job)
+    try:
+        check_before_start(config, resume=resume)  # before Ray starts and anything is written
+        move_earlier_run(config, resume=resume)
+    except BaseException:
+        lock.release()
+        raise
+    warn(note)
+    return resume, lock

@@ -8,10 +8,12 @@ with ``@register_backend("<name>")`` (:mod:`services.rollout.registry`); ``rollo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

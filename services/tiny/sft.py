@@ -71,6 +71,32 @@ def _accumulate_grads(model, batch: list[tuple[list[int], list[int]]], pad_id: i
     return total
 
 
+def _train_examples(tokenizer, data_dir, max_length: int) -> list:
+    """Every train prompt with its answer, encoded for supervised fine-tuning."""
+    data = load_prompts(data_dir, "train")
+    prompt_ids = tokenize_prompts(tokenizer, data.prompts)
+    tasks = [data.task_names[c] for c in data.task_codes]
+    return [_encode_example(tokenizer, ids, answer, task, max_length)
+            for ids, answer, task in zip(prompt_ids, data.answers, tasks)]
+
+
+def _summary(losses: list[float], settings: dict, data_dir, wall: float, examples: int) -> dict:
+    """``sft_metrics.json``: what the run was asked for and what it did."""
+    window = max(1, min(10, len(losses) // 4))
+    return {
+        "steps": len(losses),
+        "stopped_early": len(losses) < settings["steps"],  # hit max_seconds: not reproducible
+        # what the run was asked for, so a caller can tell whether a saved model matches
+        "settings": settings,
+        # which version of the synthetic suite the data came from (None for other data)
+        "suite_fingerprint": _suite_fingerprint_of(data_dir),
+        "loss_first": float(np.mean(losses[:window])),
+        "loss_last": float(np.mean(losses[-window:])),
+        "train_seconds": round(wall, 2),
+        "examples": examples,
+    }
+
+
 def sft(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -104,11 +130,7 @@ def sft(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
-    data = load_prompts(data_dir, "train")
-    prompt_ids = tokenize_prompts(tokenizer, data.prompts)
-    tasks = [data.task_names[c] for c in data.task_codes]
-    examples = [_encode_example(tokenizer, ids, answer, task, max_length)
-                for ids, answer, task in zip(prompt_ids, data.answers, tasks)]
+    examples = _train_examples(tokenizer, data_dir, max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
                                   betas=(0.9, 0.98))
 
@@ -138,22 +160,10 @@ def sft(
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    window = max(1, min(10, len(losses) // 4))
-    metrics = {
-        "steps": len(losses),
-        "stopped_early": len(losses) < steps,  # hit max_seconds: not reproducible
-        # what the run was asked for, so a caller can tell whether a saved model matches
-        "settings": {"steps": steps, "batch_size": batch_size,
-                     "micro_batch_size": micro_batch_size, "lr": lr, "seed": seed,
-                     "warmup_steps": warmup_steps, "max_length": max_length,
-                     "num_threads": num_threads},
-        # which version of the synthetic suite the data came from (None for other data)
-        "suite_fingerprint": _suite_fingerprint_of(data_dir),
-        "loss_first": float(np.mean(losses[:window])),
-        "loss_last": float(np.mean(losses[-window:])),
-        "train_seconds": round(wall, 2),
-        "examples": len(examples),
-    }
+    settings = {"steps": steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size,
+                "lr": lr, "seed": seed, "warmup_steps": warmup_steps, "max_length": max_length,
+                "num_threads": num_threads}
+    metrics = _summary(losses, settings, data_dir, wall, len(examples))
     (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
