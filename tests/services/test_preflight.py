@@ -50,14 +50,27 @@ def snapshot(root: Path) -> dict:
 
 
 def refused(capsys, *argv: str) -> tuple[int, str]:
-    """Run ``harpo ARGV`` in this process; return (exit status, stderr). Ray must not start."""
-    import ray
+    """Run ``harpo ARGV`` in this process; return (exit status, stderr). Ray must not start.
 
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:  # argparse
-        status = exc.code
-    assert not ray.is_initialized(), "Ray started before the error"
+    Whether the command started (or joined) Ray is seen by wrapping the real
+    ``services.cluster.connect``: other tests of the session may have left a Ray instance up,
+    so ``ray.is_initialized()`` cannot tell."""
+    import services.cluster
+
+    connects = []
+    real_connect = services.cluster.connect
+
+    def counted_connect(*args, **kwargs):
+        connects.append(args)
+        return real_connect(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(services.cluster, "connect", counted_connect)
+        try:
+            status = main(list(argv))
+        except SystemExit as exc:  # argparse
+            status = exc.code
+    assert not connects, "Ray started before the error"
     return status, capsys.readouterr().err.strip()
 
 
