@@ -42,9 +42,9 @@ def _rows(run_dir):
             for line in lines]
 
 
-def test_ctrl_c_checkpoints_and_resume_matches(tiny_assets, tmp_path):
-    config, run_dir = _config(tiny_assets, tmp_path, "interrupted")
-    # its own session, so that the signal goes to the whole group, as Ctrl-C in a terminal
+def _train_until_first_row(config, run_dir):
+    """``harpo train CONFIG`` in a session of its own (so a signal goes to the whole group, as
+    Ctrl-C in a terminal does), returned once its first metrics row is written."""
     proc = _harpo("train", str(config), start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -52,6 +52,12 @@ def test_ctrl_c_checkpoints_and_resume_matches(tiny_assets, tmp_path):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no metrics row in 300 s"
         time.sleep(0.2)
+    return proc
+
+
+def test_ctrl_c_checkpoints_and_resume_matches(tiny_assets, tmp_path):
+    config, run_dir = _config(tiny_assets, tmp_path, "interrupted")
+    proc = _train_until_first_row(config, run_dir)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
@@ -86,13 +92,7 @@ def test_sigterm_to_the_group_checkpoints_without_hanging(tiny_assets, tmp_path)
     the workers outlive it (SIGTERM is blocked in them), so the checkpoint is written and the
     driver exits promptly, with no wait for a GCS that is gone."""
     config, run_dir = _config(tiny_assets, tmp_path, "terminated")
-    proc = _harpo("train", str(config), start_new_session=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no metrics row in 300 s"
-        time.sleep(0.2)
+    proc = _train_until_first_row(config, run_dir)
     os.killpg(proc.pid, signal.SIGTERM)
     sent = time.monotonic()
     out, err = proc.communicate(timeout=180)
@@ -109,13 +109,7 @@ def test_second_ctrl_c_aborts_without_leaving_a_partial_checkpoint(tiny_assets, 
     from services.run_dir import RunDir
 
     config, run_dir = _config(tiny_assets, tmp_path, "aborted")
-    proc = _harpo("train", str(config), start_new_session=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no metrics row in 300 s"
-        time.sleep(0.2)
+    proc = _train_until_first_row(config, run_dir)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
