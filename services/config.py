@@ -171,7 +171,21 @@ class LearnerSection(Section):
     # Sequences per forward/backward pass on one rank (gradient accumulation; bounds memory
     # only, the update is the same); null: the rank's whole share of a mini-batch at once.
     micro_batch_size: PositiveInt | None = None
+    # Sequences per micro-batch are also bounded by their padded token count (prompt +
+    # response, per rank); null: only micro_batch_size bounds them.
+    micro_batch_tokens: PositiveInt | None = None
     ppo_epochs: PositiveInt = 1
+    # Parameter dtype of the training forward/backward (reductions and optimizer state stay
+    # float32; see docs/architecture.md).
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them.
+    activation_checkpointing: bool = False
+    # Log-probs from hidden states this many tokens at a time (peak memory O(chunk x vocab));
+    # null: the whole micro-batch's logits at once.
+    logprob_chunk_tokens: PositiveInt | None = None
+    # Truncated importance sampling: weight each token's loss by min(pi_learner / pi_rollout,
+    # tis_cap) to correct the rollout/learner gap; null: off.
+    tis_cap: Annotated[float, Field(ge=1.0)] | None = None
     # The policy loss (harpo_core.loss_config.LossConfig); kl_coef > 0 loads a reference model.
     clip_low: Annotated[float, Field(ge=0.0, lt=1.0)] = _LOSS.clip_low
     clip_high: Annotated[float, Field(ge=0.0)] = _LOSS.clip_high
