@@ -177,6 +177,7 @@ class Trainer:
                 self.actors.estimator, step, rollouts.summary, self.train_set.task_names,
                 drop_failed_groups=cfg.reward.on_error == "drop_group")
         with timer("learn_s"):  # each rank fetches its shard; advantages keyed by rollout id
+            self.actors.before_update()  # rollout.colocate: the engines free the GPU
             learner = self.actors.learners.update(
                 step, rollouts.shards, advantages.keyed(rollouts.summary["rollout_id"]),
                 self.pad_id)
