@@ -78,6 +78,12 @@ class Learner:
                               "learner.gpus_per_worker")
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            if self.train_config.learner.device_memory_gib is None:  # not planned before
+                from services.plan import check_learner_device
+
+                check_learner_device(self.train_config, model_dir,
+                                     torch.cuda.get_device_properties(device).total_memory,
+                                     f"learner rank {self.rank}")
         if self.world_size > 1:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
             torch.distributed.init_process_group(process_group_backend(device), rank=self.rank,

@@ -181,6 +181,7 @@ class MemoryPlan:
     rollout_device_source: str
     colocate: bool = False
     problems: list[str] = field(default_factory=list)
+    learner_problems: list[str] = field(default_factory=list)  # also in problems
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -335,13 +336,27 @@ def _check_learner(plan: MemoryPlan) -> None:
     if plan.learner_device is None or plan.learner_total <= plan.learner_device:
         return
     s = plan.learner_setup
-    plan.problems.append(
+    plan.learner_problems.append(
         f"the learner needs about {_size(plan.learner_total)} per rank, more than the "
         f"{_size(plan.learner_device)} it has ({plan.learner_device_source}): "
         f"{_rows_text(plan.learner)} (learner.strategy {s.strategy}, learner.dtype {s.dtype}, "
         f"learner.workers {s.world_size}, micro-batch {s.micro_batch_rows} x "
         f"{s.tokens_per_row} tokens). Per-rank total after one change: "
         + "; ".join(_learner_changes(plan)))
+    plan.problems.extend(plan.learner_problems)
+
+
+def check_learner_device(config: TrainConfig, model_dir: str | Path, total_bytes: int,
+                         role: str) -> None:
+    """In a learner on a GPU whose memory no one declared (``learner.device_memory_gib``
+    null, and no GPU on the driver to measure): the learner's plan against this GPU's
+    ``total_bytes``, a :class:`PlanError` before any weight is loaded."""
+    learner = config.learner.model_copy(update={"device_memory_gib": total_bytes / GIB})
+    plan = plan_memory(config.model_copy(update={"learner": learner}), model_dir,
+                       gpu_probe=lambda: None)
+    if plan.learner_problems:
+        raise PlanError(f"{role}: " + " ".join(plan.learner_problems).replace(
+            "(learner.device_memory_gib)", "(this GPU, measured)"))
 
 
 def _check_rollout(plan: MemoryPlan, config: TrainConfig) -> None:

@@ -197,6 +197,20 @@ def test_gpu_memory_is_measured_when_not_declared(qwen7b, tmp_path):
         in unknown.table()
 
 
+def test_a_learner_on_an_undeclared_gpu_checks_itself(qwen7b, tmp_path):
+    """What Learner.setup runs on a GPU when no memory was declared or measured before: the
+    plan against the GPU's own total (141 GiB here, an H200's; a stand-in figure, no GPU)."""
+    from services.plan import check_learner_device
+
+    config = load_config(write_run(tmp_path, qwen7b), {"learner.device_memory_gib": None})
+    with pytest.raises(PlanError, match=r"^learner rank 3: the learner needs about 172\.4 GiB "
+                                        r"per rank, more than the 141\.0 GiB it has \(this "
+                                        r"GPU, measured\)"):
+        check_learner_device(config, qwen7b, 141 * GIB, "learner rank 3")
+    check_learner_device(config.model_copy(update={"learner": config.learner.model_copy(
+        update={"strategy": "fsdp2"})}), qwen7b, 141 * GIB, "learner rank 3")
+
+
 def test_bad_values_are_named(qwen7b, tmp_path, capsys):
     path = write_run(tmp_path, qwen7b)
     cases = {
