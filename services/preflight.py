@@ -3,8 +3,8 @@
 :func:`preflight` takes a validated :class:`~services.config.TrainConfig` and checks, in the
 order a user would fix them: the model directory (``config.json``, weight files, tokenizer),
 the data (shards readable, columns, task names, prompt lengths with the model's tokenizer),
-the memory plan (:mod:`services.plan`: what cannot fit its GPUs or this machine), the output directory (a directory, writable, room for
-a checkpoint) and fixed ports. The first problem raises :class:`PreflightError` naming the
+the output directory (a directory, writable, room for a checkpoint), fixed ports, and the
+memory plan (:mod:`services.plan`: what cannot fit its GPUs or this machine). The first problem raises :class:`PreflightError` naming the
 file, field or row and what to do; nothing on disk is changed (the writability probe creates
 and removes one temporary file). The :class:`~services.controller.Trainer` keeps its own checks,
 since it also runs without the command line.
@@ -283,11 +283,10 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
             raise PreflightError(f"no valid checkpoint under {run_dir.checkpoints} to resume "
                                  f"from; start the run without --resume")
         model_dir = checkpoint / "model"
-    # cheap checks first (files, headers, sizes, disk, ports), then the tokenizer: importing
-    # transformers and tokenizing every prompt is the slow part
+    # cheap checks first (files, headers, data, disk, ports), then the memory plan and the
+    # tokenizer: importing transformers and tokenizing every prompt is the slow part
     model_config, weights = check_model_dir(model_dir)
     _check_context(config, model_config)
-    memory = check_memory(config, model_dir)
     if splits is None:
         splits = (config.data.train_split,)
         if config.run.eval_every:
@@ -299,6 +298,9 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
         check_port(config.observability.metrics_host, config.observability.metrics_port,
                    "observability.metrics_port")
         check_port(config.control.host, config.control.port, "control.port")
+    # the memory plan reads config.json with transformers' AutoConfig: after the checks that
+    # need no transformers, before the tokenizer (which imports it anyway)
+    memory = check_memory(config, model_dir)
     tokenizer = load_tokenizer(model_dir, model_config, config.model.trust_remote_code)
     for split, prompts in data.items():
         check_prompt_lengths(config, tokenizer, prompts, split)
