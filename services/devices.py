@@ -44,7 +44,8 @@ def actor_device(role: str, gpus: float, fields: str, *, gpu_ids=None, cuda=None
     if gpu_ids is None:
         import ray
 
-        gpu_ids = ray.get_gpu_ids()
+        # outside Ray nothing was assigned (and get_gpu_ids would start a local Ray)
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
     cuda = cuda if cuda is not None else torch.cuda
     if not gpu_ids:
         raise DeviceError(
