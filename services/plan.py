@@ -6,11 +6,13 @@ The arithmetic is :mod:`harpo_core.memory`'s; this module reads the model's shap
 configuration into the core's setups, compares the totals with the device memory, and says
 what to change when something does not fit.
 
-Device memory: ``learner.device_memory_gib`` / ``rollout.vllm.device_memory_gib`` when
-declared; otherwise, for actors that ask for GPUs, the memory of this machine's first GPU when
-it has one (the driver usually runs on a node like the workers'); otherwise nothing is refused
-on GPU grounds. Learners and rollout workers on CPU (``gpus_per_worker: 0``) are checked
-against this machine's physical memory by :mod:`services.preflight`, as before.
+Device memory, for actors that ask for GPUs: ``learner.device_memory_gib`` /
+``rollout.vllm.device_memory_gib`` when declared; otherwise the memory of this machine's first
+GPU when it has one (the driver usually runs on a node like the workers'); otherwise nothing is
+refused here, and a learner on a GPU checks itself against its GPU before loading weights
+(:func:`check_learner_device`). Learners and rollout workers on CPU (``gpus_per_worker: 0``)
+are checked against ``host_memory`` (preflight and ``harpo plan``: this machine's physical
+memory).
 """
 
 from __future__ import annotations
