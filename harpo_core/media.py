@@ -73,7 +73,10 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits()) -> np.ndarray
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise MediaError(f"corrupt or unreadable image ({len(data)} bytes): not a format "
+                         "Pillow recognises") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"corrupt or unreadable image ({len(data)} bytes): {exc}") from None
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image too large to decode safely: {exc}") from None
@@ -102,7 +105,8 @@ def decode_audio(data: bytes, limits: MediaLimits = MediaLimits()) -> np.ndarray
             wave = f.read(dtype="float32", always_2d=True)
     except sf.LibsndfileError as exc:
         raise MediaError(f"corrupt audio or unsupported audio codec ({len(data)} bytes; "
-                         f"soundfile reads {AUDIO_FORMATS}): {exc}") from None
+                         f"soundfile reads {AUDIO_FORMATS}): "
+                         f"{getattr(exc, 'error_string', exc)}") from None
     mono = wave.mean(axis=1)
     if rate != limits.sample_rate:
         import soxr
