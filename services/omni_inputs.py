@@ -59,10 +59,17 @@ def video_patches(frames: np.ndarray, image_processor) -> tuple[np.ndarray, np.n
             np.array([gt, gh, gw], np.int64))
 
 
+QWEN2_VL_MEDIA_TOKENS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
+
+
 def omni_inputs(tokenizer, image_processor, feature_extractor, text: str, *,
-                images=(), audios=(), videos=(), video_fps: float = 2.0) -> dict:
+                images=(), audios=(), videos=(), video_fps: float = 2.0,
+                tokens: dict[str, str] = MEDIA_TOKENS, mm_token_type_ids: bool = False) -> dict:
     """Batch-of-one model inputs (``input_ids``, ``attention_mask`` and the media tensors the
-    thinker's forward takes) for ``text`` holding one placeholder per media item, in order."""
+    thinker's forward takes) for ``text`` holding one placeholder per media item, in order.
+    ``tokens`` names the placeholders (Qwen2-VL: :data:`QWEN2_VL_MEDIA_TOKENS`, no audio;
+    its forward takes no ``video_second_per_grid``: drop it, and it needs
+    ``mm_token_type_ids=True``: 1 image, 2 video, 3 audio, 0 text per token, for its M-RoPE)."""
     out: dict = {}
     merge = image_processor.merge_size ** 2
     counts: dict[str, list[int]] = {"image": [], "audio": [], "video": []}
@@ -85,13 +92,22 @@ def omni_inputs(tokenizer, image_processor, feature_extractor, text: str, *,
         out["video_second_per_grid"] = torch.full(
             (len(parts),), image_processor.temporal_patch_size / video_fps)
         counts["video"] = [int(g.prod()) // merge for _, g in parts]
-    for kind, token in MEDIA_TOKENS.items():
+    for kind, token in tokens.items():
         found = text.count(token)
         if found != len(counts[kind]):
             raise ValueError(f"text has {found} {token} placeholder(s) for "
                              f"{len(counts[kind])} {kind} item(s)")
         pieces = text.split(token)
         text = pieces[0] + "".join(token * n + rest for n, rest in zip(counts[kind], pieces[1:]))
+    for kind in set(counts) - set(tokens):
+        if counts[kind]:
+            raise ValueError(f"{kind} items given but the model has no {kind} placeholder")
     enc = tokenizer(text, return_tensors="pt")
     out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+    if mm_token_type_ids:
+        types = torch.zeros_like(out["input_ids"])
+        for code, kind in enumerate(("image", "video", "audio"), start=1):
+            if kind in tokens:
+                types[out["input_ids"] == tokenizer.convert_tokens_to_ids(tokens[kind])] = code
+        out["mm_token_type_ids"] = types
     return out

@@ -66,13 +66,15 @@ OMNI_CHAT_TEMPLATE = (
 )
 
 
-def omni_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512):
-    """The byte-level tokenizer of the text model plus the Omni special tokens, saved in
-    ``out_dir`` and loaded back (the names become tokenizer attributes, as the processor needs)."""
+def omni_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512,
+                   tokens: dict[str, str] = OMNI_TOKENS, chat_template: str = OMNI_CHAT_TEMPLATE):
+    """The byte-level tokenizer of the text model plus multimodal special tokens (the Omni ones
+    by default), saved in ``out_dir`` and loaded back (the names become tokenizer attributes,
+    as the processors need)."""
     base = train_tokenizer(texts, vocab_size=vocab_size)
     base.save_pretrained(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(out_dir, extra_special_tokens=dict(OMNI_TOKENS))
-    tokenizer.chat_template = OMNI_CHAT_TEMPLATE
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, extra_special_tokens=dict(tokens))
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 
@@ -158,6 +160,63 @@ def build_tiny_omni(out_dir: str | Path, *, seed: int = 0, hidden: int = 64, lay
     hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
     _write_processor(out_dir, tokenizer)
+    return out_dir
+
+
+QWEN2_VL_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+}
+QWEN2_VL_CHAT_TEMPLATE = (OMNI_CHAT_TEMPLATE
+                          .replace("<|vision_bos|><|IMAGE|><|vision_eos|>",
+                                   "<|vision_start|><|image_pad|><|vision_end|>")
+                          .replace("<|vision_bos|><|VIDEO|><|vision_eos|>",
+                                   "<|vision_start|><|video_pad|><|vision_end|>"))
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, hidden: int = 64,
+                        layers: int = 2, vocab_size: int = 512,
+                        texts: list[str] | None = None) -> Path:
+    """Save a random tiny ``Qwen2VLForConditionalGeneration`` with the byte-level tokenizer
+    (plus Qwen2-VL's vision tokens) and its image processor; no processor_config (its
+    processor, like the Omni one, needs torchvision: see docs/omni.md)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = omni_tokenizer(texts or suite_corpus(n_per_task=100, seed=seed), out_dir,
+                               vocab_size, QWEN2_VL_TOKENS, QWEN2_VL_CHAT_TEMPLATE)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in QWEN2_VL_TOKENS.items()}
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    half = hidden // 4 // 2  # 4 heads
+    config = Qwen2VLConfig(
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": hidden, "mlp_ratio": 2,
+                       "num_heads": 2, "patch_size": PATCH, "spatial_merge_size": MERGE,
+                       "temporal_patch_size": TEMPORAL},
+        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden,
+                     "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+                     "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 2048,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0,
+                                         "mrope_section": [half - 2 * (half // 3), half // 3,
+                                                           half // 3]},
+                     "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": eos_id},
+        image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[eos_id, tokenizer.convert_tokens_to_ids(IM_END)], pad_token_id=eos_id,
+        bos_token_id=None)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH,
+                             merge_size=MERGE, temporal_patch_size=TEMPORAL
+                             ).save_pretrained(out_dir)
     return out_dir
 
 

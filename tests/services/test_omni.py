@@ -276,3 +276,35 @@ def test_task_types_map_tasks_of_data_without_a_task_type_column(tmp_path):
 def test_bad_media_fields_are_named(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message):
         omni_config(tmp_path, **data)
+
+
+def test_tiny_qwen2_vl_forward_with_image_and_video(tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    from services.omni_inputs import QWEN2_VL_MEDIA_TOKENS, omni_inputs
+    from services.tiny.omni_model import build_tiny_qwen2_vl
+    from services.tiny.omni_tasks import _image_colour, _video_motion
+
+    d = build_tiny_qwen2_vl(tmp_path / "vl", texts=["a small corpus", "What is shown?"])
+    tokenizer, images = AutoTokenizer.from_pretrained(d), AutoImageProcessor.from_pretrained(d)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(d).eval()
+    rng = np.random.default_rng(0)
+    image, video = _image_colour(rng).images[0], _video_motion(rng).videos[0]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                      {"type": "text", "text": "What is shown?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in text
+
+    def last_logits(image, video):
+        inputs = omni_inputs(tokenizer, images, None, text, images=[image], videos=[video],
+                             video_fps=4.0, tokens=QWEN2_VL_MEDIA_TOKENS,
+                             mm_token_type_ids=True)
+        inputs.pop("video_second_per_grid")
+        with torch.no_grad():
+            return model(**inputs).logits[0, -1]
+
+    base = last_logits(image, video)
+    assert torch.isfinite(base).all()
+    assert not torch.allclose(last_logits(255 - image, video), base, atol=1e-6)
+    assert not torch.allclose(last_logits(image, video[::-1].copy()), base, atol=1e-6)
