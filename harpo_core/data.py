@@ -407,11 +407,21 @@ def _media_table(table: pa.Table, media_columns: dict[str, str], file: Path, n: 
 
 
 def _concat_media(tables: list[pa.Table], path: Path) -> pa.Table:
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise ValueError(f"media columns in {path} mix raw bytes and path references across "
-                         f"files ({exc}); use one kind throughout") from None
+    """One table from the files' media tables; a kind's items are bytes or references in
+    every file that has any (files with none take the others' type)."""
+    for kind in MEDIA_KINDS:
+        if kind not in tables[0].column_names:
+            continue
+        used = {str(t.schema.field(kind).type) for t in tables
+                if pc.sum(pc.list_value_length(t.column(kind))).as_py()}
+        if len(used) > 1:
+            raise ValueError(f"media column for {kind}s in {path} holds raw bytes in some files "
+                             "and path references in others; use one kind throughout")
+        target = pa.list_(pa.string()) if used == {"list<item: string>"} else pa.list_(
+            pa.binary())
+        tables = [t.set_column(t.schema.get_field_index(kind), kind,
+                               pc.cast(t.column(kind), target)) for t in tables]
+    return pa.concat_tables(tables)
 
 
 def load_prompts(

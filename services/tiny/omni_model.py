@@ -117,7 +117,7 @@ def _thinker_config(tokenizer, *, hidden: int, layers: int) -> Qwen2_5OmniThinke
     )
 
 
-def _write_processor(out_dir: Path, tokenizer) -> None:
+def _write_processor(out_dir: Path) -> None:
     """The processor's parts and ``processor_config.json``, without torchvision."""
     image = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
                                      patch_size=PATCH, merge_size=MERGE,
@@ -139,7 +139,6 @@ def _write_processor(out_dir: Path, tokenizer) -> None:
     (out_dir / "processor_config.json").write_text(
         json.dumps({"processor_class": "Qwen2_5OmniProcessor"}, indent=2))
     (out_dir / "chat_template.jinja").write_text(OMNI_CHAT_TEMPLATE)
-    del tokenizer
 
 
 def build_tiny_omni(out_dir: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
@@ -159,7 +158,7 @@ def build_tiny_omni(out_dir: str | Path, *, seed: int = 0, hidden: int = 64, lay
         bos_token_id=None)
     hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
-    _write_processor(out_dir, tokenizer)
+    _write_processor(out_dir)
     return out_dir
 
 

@@ -237,3 +237,22 @@ def test_on_bad_media_policy_is_checked(bad_media_set):
     with pytest.raises(ValueError, match=r"on_bad_media must be one of \('raise', 'skip'\), "
                                          r"got 'ignore'"):
         screen_media(bad_media_set, on_bad_media="ignore")
+
+
+def test_bytes_and_references_do_not_mix_across_files(tmp_path):
+    def shard(name, images, item_type):
+        pq.write_table(pa.table({"problem": ["p"] * len(images), "answer": ["a"] * len(images),
+                                 "task": ["pic"] * len(images),
+                                 "images": pa.array(images, pa.list_(item_type))}),
+                       tmp_path / name)
+
+    shard("train-00000-of-00003.parquet", [[png()]], pa.binary())
+    shard("train-00001-of-00003.parquet", [[]], pa.string())  # no media: takes bytes
+    load = lambda: load_prompts(tmp_path, columns=DataColumns.hba(),  # noqa: E731
+                                default_task_type="classification")
+    shard("train-00002-of-00003.parquet", [[]], pa.binary())
+    assert load().media.column("image").type == pa.list_(pa.binary())
+    shard("train-00002-of-00003.parquet", [["a.png"]], pa.string())
+    with pytest.raises(ValueError, match=r"media column for images in .* holds raw bytes in some "
+                                         r"files and path references in others"):
+        load()

@@ -232,6 +232,10 @@ def test_bad_media_in_a_split_raise_or_are_skipped_and_counted(damaged_copy):
     with pytest.raises(BadMediaError, match=rf"test-00000-of-00001.parquet, row {bad_image} "
                                             r"\(task 'image_shape'\): image 0: corrupt"):
         load_media_split(omni_config(data_dir), "test")
+    from services.preflight import PreflightError, load_data
+
+    with pytest.raises(PreflightError, match=rf"row {bad_image} \(task 'image_shape'\)"):
+        load_data(omni_config(data_dir), "test")  # before Ray starts, as `harpo train` does
     split = load_media_split(omni_config(data_dir, on_bad_media="skip"), "test")
     assert {t: n for t, n in split.skipped.items() if n} == {"image_shape": 1, "video_motion": 1}
     assert split.modality_counts["image_shape"] == {"text_image": 2}
