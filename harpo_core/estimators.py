@@ -125,6 +125,8 @@ def _parameters(target: Callable | type) -> tuple[list[str], bool]:
     found = list(inspect.signature(target).parameters.values())
     names, any_keyword = [], False
     for param in found if inspect.isclass(target) else found[1:]:
+        if param.name == "components" and getattr(target, "takes_components", False):
+            continue  # given per step by the caller (the reward's parts), not a parameter
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             any_keyword = True
         elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
@@ -164,10 +166,14 @@ class _StatelessEstimator:
     def __init__(self, name: str, fn: Callable, params: dict, check_output: bool = False):
         self.name, self._fn, self._params = name, fn, params
         self._check_output = check_output
+        # an estimator of several reward components (gdpo) gets them with each batch
+        self.takes_components = bool(getattr(fn, "takes_components", False))
 
-    def compute(self, rewards, group_ids, task_ids=None, *, step=None, task_names=None):
+    def compute(self, rewards, group_ids, task_ids=None, *, step=None, task_names=None,
+                components=None):
         batch = GroupedBatch.build(rewards, group_ids, task_ids, task_names=task_names)
-        advantages = self._fn(batch, **self._params)
+        extra = {"components": components} if self.takes_components else {}
+        advantages = self._fn(batch, **self._params, **extra)
         if self._check_output:  # a user function: hold it to what the registered ones give
             advantages = np.asarray(advantages, dtype=np.float64)
             if advantages.shape != batch.values.shape:
@@ -347,6 +353,7 @@ class Harpo:
         _check_eps(eps)
         _check_ddof(std_ddof)
         self.eps, self.std_ddof = eps, std_ddof
+        self.base, self._base = "grpo", _modulation_base("grpo", eps=eps, std_ddof=std_ddof)
         if modulator is None:
             modulator = HarpoModulator(HarpoConfig(**config))
         elif config:
@@ -365,7 +372,7 @@ class Harpo:
         if step is None:
             raise ValueError("the harpo estimator is stateful: pass step=<training step>")
         batch = GroupedBatch.build(rewards, group_ids, task_ids, task_names=task_names)
-        base = grpo(batch, eps=self.eps, std_ddof=self.std_ddof)
+        base = self._base(batch)
         result: ModulationResult = modulate(self.modulator, step, batch, base)
         return EstimatorOutput(result.advantages, {"modulation": result})
 
@@ -381,15 +388,70 @@ class Harpo:
         self.modulator.load_state_dict(state)
 
 
+# Bases HARPO's modulation can sit on, and why the others are refused.
+_NOT_A_BASE = {
+    "harpo": "HARPO on HARPO modulates twice",
+    "harpo_on": "HARPO on HARPO modulates twice",
+    "ema_grpo": "its per-task std is state across steps, which HARPO's task factor replaces",
+    "mt_grpo": "HARPO's task factor would undo MT-GRPO's task weights (both set the per-task "
+               "scale)",
+    "gdpo": "it needs the reward's components, which the modulated estimator does not pass on",
+}
+
+
+def _modulation_base(name: str, **available) -> Callable[[GroupedBatch], np.ndarray]:
+    """The stateless registered estimator HARPO modulates, as ``fn(batch) -> advantages``,
+    given the parameters it takes among ``available`` (eps, std_ddof)."""
+    if not isinstance(name, str) or name not in _REGISTRY or name in _NOT_A_BASE:
+        why = f": {_NOT_A_BASE[name]}" if name in _NOT_A_BASE else ""
+        bases = sorted(n for n, t in _REGISTRY.items()
+                       if n not in _NOT_A_BASE and not inspect.isclass(t))
+        raise ValueError(f"harpo: base {name!r} cannot be modulated{why}; a base is one of "
+                         f"{bases}")
+    fn = _REGISTRY[name]
+    takes = _parameters(fn)[0]
+    kwargs = {k: v for k, v in available.items() if k in takes}
+    return lambda batch: fn(batch, **kwargs)
+
+
+@register_estimator("harpo_on")
+class HarpoOn(Harpo):
+    """HARPO's modulation on top of another stateless estimator: ``base`` (default ``grpo``,
+    which makes this ``harpo``) gives ``Â``, the modulator rescales it exactly as for GRPO.
+
+    Whether that is meaningful depends on the base (README, "Is HARPO right for my data?"):
+    ``dr_grpo``, ``rloo`` and ``gpg`` keep each task's reward scale in ``Â``, so the task
+    factor has real work to do (it equalises the tasks' mean ``|Â|``, which GRPO's std does
+    only per group); ``reinforce_pp_baseline`` whitens over the batch, and the modulation
+    after it rebalances tasks within that one scale; ``g2rpo`` already gives every group of a
+    given size and tie pattern the same ``|Â|``, so the factors mostly follow the tasks'
+    share of ties and all-equal groups - largely redundant. Stateful estimators (``ema_grpo``,
+    ``mt_grpo``) and ``gdpo`` (which needs the reward's components) are refused as bases.
+    """
+
+    name = "harpo_on"
+
+    def __init__(self, base: str = "grpo", **kwargs):
+        super().__init__(**kwargs)
+        self.base = base
+        self._base = _modulation_base(base, eps=self.eps, std_ddof=self.std_ddof)
+
+
 # ``make_estimator("harpo", beta_rho=...)`` checks names against __init__, which takes
 # **config: list the modulator's fields explicitly so typos are still caught.
 _HARPO_FIELDS = ["eps", "std_ddof", "modulator"] + [f.name for f in fields(HarpoConfig)]
 
 
-def _harpo_signature():
+def _harpo_signature(first: tuple[str, ...] = ()):
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in _HARPO_FIELDS]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY)
+               for n in (*first, *_HARPO_FIELDS)]
     return inspect.Signature(params)
 
 
 Harpo.__init__.__signature__ = _harpo_signature()
+HarpoOn.__init__.__signature__ = _harpo_signature(("base",))
+
+
+# The newer multi-task estimators register themselves into the same registry.
+from harpo_core import estimators_multitask  # noqa: E402,F401
