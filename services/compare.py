@@ -108,10 +108,14 @@ def run_study(study: Study, *, address: str | None = None, parallel: int | None 
                 if not ok:
                     failed.append(run_id)
     except BaseException:
-        for proc, _ in running.values():  # an interrupted run resumes from its checkpoint
-            proc.terminate()
+        # Ctrl-C reaches the runs' processes too (one process group): give each a minute to
+        # shut its actors down, then stop it. An interrupted run resumes from its checkpoint.
         for proc, _ in running.values():
-            proc.wait()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
         raise
     return failed
 

@@ -200,7 +200,7 @@ def figures(out: Path, t: dict) -> list[str]:
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("share of Σ|A|")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(out / "signal_shares.png", dpi=90)
     plt.close(fig)
@@ -320,14 +320,21 @@ def write_report(study: Study) -> Path:
     _write_csv(out / "summary.csv", SUMMARY_COLUMNS, t["summary"])
     _write_csv(out / "signal_share.csv", SHARE_COLUMNS, t["shares"])
     _write_csv(out / "curves.csv", CURVE_COLUMNS, t["curves"])
-    (out / "summary.json").write_text(json.dumps(
+    (out / "summary.json").write_text(json.dumps(_strict(
         {"primary_metric": list(t["primary"]), "tasks": t["tasks"], "summary": t["summary"],
          "per_task": t["per_task"], "signal_share": t["shares"], "ranks": t["ranks"],
-         "missing": data["missing"]}, indent=1, default=_json_number) + "\n")
+         "missing": data["missing"]}), indent=1, allow_nan=False) + "\n")
     written = figures(out, t)
     path.write_text(markdown(study, t, data, written))
     return path
 
 
-def _json_number(value):
-    return str(value)
+def _strict(value):
+    """JSON has no NaN or infinity: a std of one seed or an unbounded share ratio is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value

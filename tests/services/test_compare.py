@@ -13,6 +13,7 @@ from services.cli import main
 from services.compare import concurrency
 
 ESTIMATORS = "grpo,harpo"
+TASKS = ("emotion", "parity", "sentiment")
 
 
 def write_config(assets, path: Path, **sections) -> Path:
@@ -20,8 +21,9 @@ def write_config(assets, path: Path, **sections) -> Path:
         "run": {"name": "cmp", "output_dir": str(path.parent / "unused"), "steps": 2,
                 "checkpoint_every": 1, "seed": 0},
         "model": {"path": str(assets.model_dir)},
+        # three classification tasks: no QA task, so no sentence-embedding model to load
         "data": {"path": str(assets.data_dir), "prompts_per_step": 4, "max_prompt_tokens": 256,
-                 "eval_prompts_per_task": 1},
+                 "eval_prompts_per_task": 1, "tasks": list(TASKS)},
         "rollout": {"workers": 1, "group_size": 4, "max_new_tokens": 8},
         "reward": {"scorers": 1},
         "learner": {"workers": 1, "mini_batch_prompts": 2, "lr": 1e-3},
@@ -73,7 +75,7 @@ def test_a_study_writes_the_report_with_the_expected_columns(study):
     assert columns == ["estimator", "task", "evaluation", "metric", "seeds", "before_mean",
                        "before_std", "after_mean", "after_std", "change_mean"]
     tasks = sorted({r["task"] for r in rows})
-    assert len(tasks) == 7  # the tiny suite's tasks
+    assert tasks == list(TASKS)
     assert len(rows) == 2 * 2 * 2 * len(tasks)  # estimators x greedy/sampled x reward/accuracy
     # the same seed and model: both estimators start from the same held-out numbers
     before = {(r["task"], r["evaluation"], r["metric"], r["estimator"]): r["before_mean"]
@@ -95,7 +97,7 @@ def test_a_study_writes_the_report_with_the_expected_columns(study):
     for name in ("reward_curves.png", "signal_shares.png", "factors.png", "before_after.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"report/{name}" in text
-    summary = json.loads((report / "summary.json").read_text())
+    summary = json.loads((report / "summary.json").read_text(), parse_constant=pytest.fail)
     assert summary["tasks"] == tasks and summary["missing"] == []
     # each run is a normal run directory
     for run in ("grpo-seed0", "harpo-seed0"):
@@ -184,3 +186,40 @@ def test_concurrency_follows_the_cluster_or_the_cores(tiny_assets, tmp_path):
     gpu = load_config(write_config(tiny_assets, tmp_path / "gpu.yaml",
                                    learner={"gpus_per_worker": 1.0}))
     assert concurrency(gpu, embedded=False, cluster={"CPU": 64.0, "GPU": 2.0}) == 2
+
+
+def test_the_report_tables_by_hand():
+    """Ranks, worst task, mean ± std over seeds and signal shares from made-up run results."""
+    from types import SimpleNamespace
+
+    from services.compare_report import tables
+
+    def run(seed, x, y, shares):
+        ev = {"greedy": {"reward": {"x": x, "y": y}, "accuracy": {"x": x, "y": y}}}
+        before = {"greedy": {"reward": {"x": 0.1, "y": 0.1}, "accuracy": {"x": 0, "y": 0}}}
+        rows = [{"step": k, "reward": {"x": 0.5, "y": 0.5}, "signal_share": s}
+                for k, s in enumerate(shares)]
+        return {"seed": seed, "before": before, "after": ev, "rows": rows}
+
+    study = SimpleNamespace(variants=[SimpleNamespace(label="a"), SimpleNamespace(label="b")])
+    data = {"runs": {
+        "a": [run(0, 0.8, 0.2, [{"x": 0.9, "y": 0.1}, {"x": 0.7, "y": 0.3}]),
+              run(1, 0.6, 0.2, [{"x": 0.8, "y": 0.2}, {"x": 0.8, "y": 0.2}])],
+        "b": [run(0, 0.5, 0.4, [{"x": 0.5, "y": 0.5}]), run(1, 0.5, 0.4, [{"x": 1.0}])]},
+        "missing": []}
+    t = tables(study, data)
+    assert t["primary"] == ("greedy", "reward")
+    a, b = t["summary"]
+    # a: x 0.7 ± 0.141, y 0.2 -> ranks x 1, y 2; b: x 0.5, y 0.4 -> ranks x 2, y 1
+    assert t["scores"]["a"]["x"] == pytest.approx((0.7, 0.1 * 2 ** 0.5))
+    assert (a["average_rank"], b["average_rank"]) == (1.5, 1.5)
+    assert (a["worst_task"], a["worst_score"]) == ("y", pytest.approx(0.2))
+    assert (b["worst_task"], b["worst_score"]) == ("y", pytest.approx(0.4))
+    assert a["mean_score"] == pytest.approx(0.45)
+    # shares: a's x averages (0.8 + 0.8) / 2 over seeds, y 0.2 -> ratio 4; b's y is 0 in the
+    # second seed's only step (absent task): (0.5 + 0) / 2
+    share = {(r["estimator"], r["task"]): r["share_mean"] for r in t["shares"]}
+    assert share[("a", "x")] == pytest.approx(0.8) and share[("a", "y")] == pytest.approx(0.2)
+    assert a["max_min_share_ratio"] == pytest.approx(4.0)
+    assert share[("b", "y")] == pytest.approx(0.25)
+    assert b["max_min_share_ratio"] == pytest.approx(0.75 / 0.25)
