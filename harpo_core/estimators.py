@@ -353,7 +353,7 @@ class Harpo:
         _check_eps(eps)
         _check_ddof(std_ddof)
         self.eps, self.std_ddof = eps, std_ddof
-        self.base, self._base = "grpo", _modulation_base("grpo", eps=eps, std_ddof=std_ddof)
+        self.base = "grpo"
         if modulator is None:
             modulator = HarpoModulator(HarpoConfig(**config))
         elif config:
@@ -372,9 +372,13 @@ class Harpo:
         if step is None:
             raise ValueError("the harpo estimator is stateful: pass step=<training step>")
         batch = GroupedBatch.build(rewards, group_ids, task_ids, task_names=task_names)
-        base = self._base(batch)
+        base = self.base_advantages(batch)
         result: ModulationResult = modulate(self.modulator, step, batch, base)
         return EstimatorOutput(result.advantages, {"modulation": result})
+
+    def base_advantages(self, batch: GroupedBatch) -> np.ndarray:
+        """The advantages HARPO modulates: GRPO's (``harpo_on`` takes another base)."""
+        return grpo(batch, eps=self.eps, std_ddof=self.std_ddof)
 
     def task_factors(self) -> dict[str, float]:
         """The modulator's current task factors ({} when it does not report them)."""
@@ -386,55 +390,6 @@ class Harpo:
 
     def load_state_dict(self, state: dict) -> None:
         self.modulator.load_state_dict(state)
-
-
-# Bases HARPO's modulation can sit on, and why the others are refused.
-_NOT_A_BASE = {
-    "harpo": "HARPO on HARPO modulates twice",
-    "harpo_on": "HARPO on HARPO modulates twice",
-    "ema_grpo": "its per-task std is state across steps, which HARPO's task factor replaces",
-    "mt_grpo": "HARPO's task factor would undo MT-GRPO's task weights (both set the per-task "
-               "scale)",
-    "gdpo": "it needs the reward's components, which the modulated estimator does not pass on",
-}
-
-
-def _modulation_base(name: str, **available) -> Callable[[GroupedBatch], np.ndarray]:
-    """The stateless registered estimator HARPO modulates, as ``fn(batch) -> advantages``,
-    given the parameters it takes among ``available`` (eps, std_ddof)."""
-    if not isinstance(name, str) or name not in _REGISTRY or name in _NOT_A_BASE:
-        why = f": {_NOT_A_BASE[name]}" if name in _NOT_A_BASE else ""
-        bases = sorted(n for n, t in _REGISTRY.items()
-                       if n not in _NOT_A_BASE and not inspect.isclass(t))
-        raise ValueError(f"harpo: base {name!r} cannot be modulated{why}; a base is one of "
-                         f"{bases}")
-    fn = _REGISTRY[name]
-    takes = _parameters(fn)[0]
-    kwargs = {k: v for k, v in available.items() if k in takes}
-    return lambda batch: fn(batch, **kwargs)
-
-
-@register_estimator("harpo_on")
-class HarpoOn(Harpo):
-    """HARPO's modulation on top of another stateless estimator: ``base`` (default ``grpo``,
-    which makes this ``harpo``) gives ``Â``, the modulator rescales it exactly as for GRPO.
-
-    Whether that is meaningful depends on the base (README, "Is HARPO right for my data?"):
-    ``dr_grpo``, ``rloo`` and ``gpg`` keep each task's reward scale in ``Â``, so the task
-    factor has real work to do (it equalises the tasks' mean ``|Â|``, which GRPO's std does
-    only per group); ``reinforce_pp_baseline`` whitens over the batch, and the modulation
-    after it rebalances tasks within that one scale; ``g2rpo`` already gives every group of a
-    given size and tie pattern the same ``|Â|``, so the factors mostly follow the tasks'
-    share of ties and all-equal groups - largely redundant. Stateful estimators (``ema_grpo``,
-    ``mt_grpo``) and ``gdpo`` (which needs the reward's components) are refused as bases.
-    """
-
-    name = "harpo_on"
-
-    def __init__(self, base: str = "grpo", **kwargs):
-        super().__init__(**kwargs)
-        self.base = base
-        self._base = _modulation_base(base, eps=self.eps, std_ddof=self.std_ddof)
 
 
 # ``make_estimator("harpo", beta_rho=...)`` checks names against __init__, which takes
@@ -450,8 +405,7 @@ def _harpo_signature(first: tuple[str, ...] = ()):
 
 
 Harpo.__init__.__signature__ = _harpo_signature()
-HarpoOn.__init__.__signature__ = _harpo_signature(("base",))
 
 
-# The newer multi-task estimators register themselves into the same registry.
-from harpo_core import estimators_multitask  # noqa: E402,F401
+# The newer multi-task estimators and HARPO on other bases register themselves here too.
+from harpo_core import estimators_modulated, estimators_multitask  # noqa: E402,F401
