@@ -13,7 +13,8 @@ from services.cli import main
 from services.compare import concurrency
 
 ESTIMATORS = "grpo,harpo"
-TASKS = ("emotion", "parity", "sentiment")
+# two classification tasks and a QA task, whose similarity reward gives every step a signal
+TASKS = ("emotion", "parity", "weather_qa")
 
 
 def write_config(assets, path: Path, **sections) -> Path:
@@ -21,7 +22,6 @@ def write_config(assets, path: Path, **sections) -> Path:
         "run": {"name": "cmp", "output_dir": str(path.parent / "unused"), "steps": 2,
                 "checkpoint_every": 1, "seed": 0},
         "model": {"path": str(assets.model_dir)},
-        # three classification tasks: no QA task, so no sentence-embedding model to load
         "data": {"path": str(assets.data_dir), "prompts_per_step": 4, "max_prompt_tokens": 256,
                  "eval_prompts_per_task": 1, "tasks": list(TASKS)},
         "rollout": {"workers": 1, "group_size": 4, "max_new_tokens": 8},
@@ -36,20 +36,33 @@ def write_config(assets, path: Path, **sections) -> Path:
     return path
 
 
-def compare_args(config: Path, out: Path, *more: str) -> list[str]:
+def compare_args(config: Path, out: Path, estimators: str = ESTIMATORS) -> list[str]:
     import ray
 
-    return ["compare", str(config), "--estimators", ESTIMATORS, "--out", str(out),
-            "--address", ray.get_runtime_context().gcs_address, "--eval-samples", "2", *more]
+    return ["compare", str(config), "--estimators", estimators, "--out", str(out),
+            "--address", ray.get_runtime_context().gcs_address, "--eval-samples", "2"]
 
 
 @pytest.fixture(scope="module")
 def study(tiny_assets, ray_cluster, tmp_path_factory):
+    """The study grpo,harpo, interrupted after its grpo run (the state a study stopped
+    between its runs leaves: grpo's result written, harpo never started), then run again with
+    the same command: two trainings in all, shared by the tests below."""
+    import contextlib
+    import io
+
     root = tmp_path_factory.mktemp("compare")
     config = write_config(tiny_assets, root / "tiny.yaml")
     out = root / "study"
-    assert main(compare_args(config, out)) == 0
-    return config, out
+    assert main(compare_args(config, out, "grpo")) == 0
+    results = out / "results"
+    kept = {"result": (results / "grpo-seed0.json").stat().st_mtime_ns,
+            "log": (results / "grpo-seed0.log").stat().st_size,
+            "metrics": (out / "runs" / "grpo-seed0" / "metrics.jsonl").read_text()}
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        assert main(compare_args(config, out)) == 0
+    return config, out, kept, said.getvalue()
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
@@ -59,7 +72,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def test_a_study_writes_the_report_with_the_expected_columns(study):
-    _, out = study
+    _, out, _, _ = study
     report = out / "report"
     text = (out / "REPORT.md").read_text()
     for heading in ("Table 1 form", "Share of the policy-gradient signal", "Before and after"):
@@ -86,12 +99,15 @@ def test_a_study_writes_the_report_with_the_expected_columns(study):
     columns, rows = read_csv(report / "signal_share.csv")
     assert columns == ["estimator", "task", "seeds", "share_mean", "share_first_step",
                        "share_last_step"]
-    for label in ("grpo", "harpo"):
-        first = sum(float(r["share_first_step"]) for r in rows if r["estimator"] == label)
-        assert first == pytest.approx(1.0)  # shares of a step add up to 1
+    assert {r["estimator"] for r in rows} == {"grpo", "harpo"}
     columns, rows = read_csv(report / "curves.csv")
     assert columns == ["estimator", "seed", "step", "task", "reward", "signal_share",
                        "task_factor"]
+    for label in ("grpo", "harpo"):  # a step's shares add up to 1 (the QA task has signal)
+        for step in ("0", "1"):
+            total = sum(float(r["signal_share"]) for r in rows
+                        if r["estimator"] == label and r["step"] == step)
+            assert total == pytest.approx(1.0)
     assert {r["task_factor"] != "" for r in rows if r["estimator"] == "harpo"} >= {True}
     assert all(r["task_factor"] == "" for r in rows if r["estimator"] == "grpo")
     for name in ("reward_curves.png", "signal_shares.png", "factors.png", "before_after.png"):
@@ -109,24 +125,18 @@ def test_a_study_writes_the_report_with_the_expected_columns(study):
         "algorithm"]["estimator"] == "harpo"
 
 
-def test_an_interrupted_study_resumes_without_rerunning_finished_runs(study, capsys):
-    config, out = study
+def test_an_interrupted_study_resumes_without_rerunning_finished_runs(study):
+    _, out, kept, said = study
     results = out / "results"
-    kept = (results / "grpo-seed0.json").stat().st_mtime_ns
-    grpo_log = (results / "grpo-seed0.log").stat().st_size
-    # harpo was interrupted after its last checkpoint, before its result was written
-    (results / "harpo-seed0.json").unlink()
-    assert main(compare_args(config, out)) == 0
-    said = capsys.readouterr().out
     assert "grpo-seed0: finished earlier, kept" in said
-    assert "1 run(s) to train" in said
-    assert (results / "grpo-seed0.json").stat().st_mtime_ns == kept
-    assert (results / "grpo-seed0.log").stat().st_size == grpo_log  # never launched again
-    redone = json.loads((results / "harpo-seed0.json").read_text())
-    assert redone["finished"] and redone["resumed"]  # from its final checkpoint
-    rows = (out / "runs" / "harpo-seed0" / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2  # no step trained twice
-    assert "harpo" in (out / "REPORT.md").read_text()
+    assert "1 run(s) to train" in said and "harpo-seed0: started" in said
+    assert "grpo-seed0: started" not in said
+    assert (results / "grpo-seed0.json").stat().st_mtime_ns == kept["result"]
+    assert (results / "grpo-seed0.log").stat().st_size == kept["log"]  # never launched again
+    assert (out / "runs" / "grpo-seed0" / "metrics.jsonl").read_text() == kept["metrics"]
+    assert json.loads((results / "harpo-seed0.json").read_text())["finished"]
+    manifest = json.loads((out / "study.json").read_text())
+    assert [r["run_id"] for r in manifest["runs"]] == ["grpo-seed0", "harpo-seed0"]
 
 
 @pytest.mark.parametrize("args, message", [
