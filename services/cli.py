@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_eval)
 
     _add_local_commands(sub)
+    from services.compare import add_parser as add_compare
+
+    add_compare(sub, _override)
 
     from services.control.cli import add_parsers  # status, modulator, scale, ..., stop
 
