@@ -50,7 +50,8 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
             names.update(getattr(sub, "_no_split_modules", None) or ())
     layers: list[torch.nn.Module] = []
     for sub in module.modules():
-        if type(sub).__name__ in names and not any(_contains(outer, sub) for outer in layers):
+        classes = {cls.__name__ for cls in type(sub).__mro__}  # FSDP subclasses them
+        if classes & names and not any(_contains(outer, sub) for outer in layers):
             layers.append(sub)
     if not layers:
         raise ValueError(f"found no decoder layers in {type(module).__name__}: no submodule's "

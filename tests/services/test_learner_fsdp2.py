@@ -259,6 +259,7 @@ def test_strategies_take_the_hf_model_or_a_wrapper_of_it(model_dir, one_rank_gro
         assert [type(m).__name__ for m in decoder_layers(wrapper)] == ["Qwen2DecoderLayer"] * 2
         strategy = make_strategy(name, rank=0, world_size=1, device=torch.device("cpu"))
         strategy.wrap(wrapper)
+        assert len(decoder_layers(wrapper)) == 2  # still found once fully_shard subclassed them
         weights = strategy.full_state_dict(wrapper, torch.bfloat16)
         assert set(weights) == names
         assert all(v.dtype == torch.bfloat16 and v.device.type == "cpu" for v in weights.values())
