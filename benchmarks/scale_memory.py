@@ -1,17 +1,18 @@
 """Per-rank learner memory: ``fsdp2`` against ``ddp``, ``bfloat16`` against ``float32``.
 
-A random Qwen2-shaped model (Qwen2.5's vocabulary and tied embeddings, ~100M parameters by
-default, built locally from a ``Qwen2Config``: nothing is downloaded), 2 learner ranks over
-gloo (spawned processes), the real ``LearnerCore`` with each ``learner.strategy`` and
-``learner.dtype``. After one update every rank adds up the bytes it holds between steps:
+A random Qwen2-shaped model (Qwen2.5's vocabulary, tied embeddings unless ``--untied``,
+~100M parameters by default, built locally from a ``Qwen2Config``: nothing is downloaded),
+2 learner ranks over gloo (spawned processes), the real ``LearnerCore`` with each
+``learner.strategy`` and ``learner.dtype``. After one update every rank adds up the bytes it
+holds between steps:
 
 * parameters, gradients and AdamW state — the tensors themselves (a DTensor counts its local
   shard only), measured, not estimated;
 * ``gathered``: the transient full copies a sharded strategy all-gathers during the step, in
-  the compute dtype: the root group (embeddings, final norm; FSDP2 keeps the root unsharded
-  from its forward to the end of its backward) plus two decoder layers (the one running and
-  the one prefetched). Computed from the module structure; 0 under ``ddp``, which keeps the
-  full parameters anyway.
+  the compute dtype: the root group (the final norm, and tied embeddings; FSDP2 keeps the
+  root unsharded from its forward to the end of its backward) plus the two largest other
+  groups (decoder layers, untied embeddings: the one running and the one prefetched).
+  Computed from the module structure; 0 under ``ddp``, which keeps the full parameters.
 
 DDP's gradient buckets (another 4 bytes per parameter) and activations are not counted.
 
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=151936)  # Qwen2.5's
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--untied", action="store_true",
+                        help="separate lm_head (as Qwen2.5-7B); default tied (as 0.5B-3B)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS),
                         help="strategy:dtype pairs")
 
@@ -59,7 +62,8 @@ def build_model(args, directory: Path) -> int:
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.hidden // 64, num_key_value_heads=2,
-                         max_position_embeddings=4 * args.seq, tie_word_embeddings=True)
+                         max_position_embeddings=4 * args.seq,
+                         tie_word_embeddings=not args.untied)
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
@@ -73,14 +77,13 @@ def _local_bytes(tensor) -> int:
 def _gathered_bytes(model, strategy: str, dtype) -> int:
     if strategy != "fsdp2":
         return 0
-    from services.learner_strategies._model_parts import decoder_layers
+    from services.learner_strategies._model_parts import decoder_layers, untied_embeddings
 
-    layers = decoder_layers(model)
-    in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    size = dtype.itemsize
-    root = sum(p.numel() for p in model.parameters() if id(p) not in in_layers)
-    layer = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
-    return (root + 2 * layer) * size
+    groups = [*decoder_layers(model), *untied_embeddings(model)]
+    in_groups = {id(p) for group in groups for p in group.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_groups)
+    largest = sorted(sum(p.numel() for p in group.parameters()) for group in groups)[-2:]
+    return (root + sum(largest)) * dtype.itemsize
 
 
 def _rank(rank, world_size, port, model_dir, strategy, dtype, seq, out):
@@ -187,7 +190,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     rows = run(args)
-    print(f"{rows[0]['parameters'] / 1e6:.1f}M parameters, {args.ranks} ranks over gloo, "
+    tied = "untied" if args.untied else "tied"
+    print(f"{rows[0]['parameters'] / 1e6:.1f}M parameters ({tied} embeddings), {args.ranks} "
+          f"ranks over gloo, "
           f"per-rank MiB ({platform.machine()}, {os.cpu_count()} CPUs)")
     print(table(rows))
     if args.json:

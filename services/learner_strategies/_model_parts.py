@@ -6,6 +6,7 @@
 * :func:`decoder_layers` — every submodule whose class is named in the ``_no_split_modules`` of
   a ``PreTrainedModel`` inside the module (Qwen2's ``Qwen2DecoderLayer``; the vision and audio
   blocks of a multimodal model): the units that are sharded and recomputed one at a time.
+* :func:`untied_embeddings` — the input and output embeddings, when they are not tied.
 * :func:`checkpoint_activations` — recompute each of those layers in the backward pass
   (non-reentrant ``torch.utils.checkpoint``) instead of keeping its activations.
 * :func:`hf_state_dict` — a state dict of the wrapper, renamed to the plain HF names.
@@ -57,6 +58,16 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
         raise ValueError(f"found no decoder layers in {type(module).__name__}: no submodule's "
                          f"class is in a _no_split_modules ({sorted(names)})")
     return layers
+
+
+def untied_embeddings(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The HF model's input and output embeddings when they do not share a weight (each can
+    then be sharded on its own); ``[]`` when tied or absent."""
+    _, model = hf_model(module)
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or inputs.weight is outputs.weight:
+        return []
+    return [inputs, outputs]
 
 
 def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:

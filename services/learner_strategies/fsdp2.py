@@ -5,10 +5,12 @@ class is in a ``PreTrainedModel``'s ``_no_split_modules``), then to the root, on
 mesh over the ranks (``cuda`` mesh / NCCL on GPU, ``cpu`` mesh / gloo on CPU). Each rank keeps
 ``1/W`` of every parameter (a DTensor), its gradient and its AdamW moments; a layer's full
 parameters exist only while it runs (all-gathered before its forward and again before its
-backward). Gradients are reduce-scattered, i.e. averaged over the ranks, on the last
+backward). Untied input and output embeddings are groups of their own (gathered only around
+their use); tied ones (Qwen2's small models: ``lm_head`` = ``embed_tokens``) stay in the root
+group, which FSDP2 keeps gathered from the forward pass to the end of the backward pass.
+Gradients are reduce-scattered, i.e. averaged over the ranks, on the last
 micro-batch's backward pass; earlier micro-batches accumulate unsharded gradients locally
-(``set_requires_gradient_sync(False)``). Tied weights (Qwen2's ``lm_head`` = ``embed_tokens``)
-live in the root's group. With one rank it runs on a process group of one.
+(``set_requires_gradient_sync(False)``). With one rank it runs on a process group of one.
 
 Precision (``learner.dtype: bfloat16``): fp32 master parameters and fp32 AdamW state, bf16
 compute. ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` casts each
@@ -47,6 +49,7 @@ from services.learner_strategies._model_parts import (
     decoder_layers,
     hf_model,
     hf_state_dict,
+    untied_embeddings,
 )
 from services.learner_strategies._sharded_checkpoint import load_sharded, save_sharded
 
@@ -81,8 +84,8 @@ class FSDP2Strategy(LearnerStrategy):
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.activation_checkpointing:
             checkpoint_activations(model)
-        for layer in decoder_layers(model):
-            fully_shard(layer, mesh=self.mesh, mp_policy=self.policy)
+        for group in [*decoder_layers(model), *untied_embeddings(model)]:
+            fully_shard(group, mesh=self.mesh, mp_policy=self.policy)
         fully_shard(model, mesh=self.mesh, mp_policy=self.policy)
         return model
 

@@ -38,23 +38,34 @@ RUNS = [
     ("fsdp2", dict(strategy="fsdp2", **PLAIN)),
     ("fsdp2_kl_micro", dict(strategy="fsdp2", kl_coef=0.5, micro_batch_size=1, **PLAIN)),
     ("fsdp2_ac", dict(strategy="fsdp2", activation_checkpointing=True, **PLAIN)),
+    ("fsdp2_untied", dict(strategy="fsdp2", **PLAIN)),  # on the untied model
 ]
 BF16_UPDATES = 4
+
+
+def tiny_qwen2(path, tied):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """test_learner_core's tiny Qwen2, with lm_head tied to embed_tokens (as harpo's tiny
     model and the small Qwen2.5 models are)."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny_tied_qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return str(path)
+    return tiny_qwen2(tmp_path_factory.mktemp("tiny_tied_qwen2"), tied=True)
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory):
+    """The same with a separate lm_head (as Qwen2.5-7B): fsdp2 shards both embeddings on
+    their own."""
+    return tiny_qwen2(tmp_path_factory.mktemp("tiny_untied_qwen2"), tied=False)
 
 
 def objective(core, batch):
@@ -71,7 +82,7 @@ def bf16_learns(core, batch, shard):
     return before, objective(core, batch)
 
 
-def two_rank_worker(rank, world_size, port, model_dir, out):
+def two_rank_worker(rank, world_size, port, model_dir, untied_dir, out):
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -80,7 +91,8 @@ def two_rank_worker(rank, world_size, port, model_dir, out):
         batch = make_batch(seed=1)
         shard = shard_batch(batch, rank, world_size)
         for name, config in RUNS:
-            core = LearnerCore(model_dir, make_config(workers=2, **config), rank=rank,
+            directory = untied_dir if name.endswith("untied") else model_dir
+            core = LearnerCore(directory, make_config(workers=2, **config), rank=rank,
                                world_size=world_size)
             results[name] = train(core, shard)
             weights = core.full_state_dict()  # every rank gathers; rank 0 gets the dict
@@ -121,9 +133,9 @@ def two_rank_worker(rank, world_size, port, model_dir, out):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(model_dir, tmp_path_factory):
+def two_ranks(model_dir, untied_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_two_ranks")
-    mp.spawn(two_rank_worker, args=(2, free_port(), model_dir, str(out)), nprocs=2)
+    mp.spawn(two_rank_worker, args=(2, free_port(), model_dir, untied_dir, str(out)), nprocs=2)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -148,12 +160,14 @@ def assert_same_weights(expected: dict, got: dict, atol=1e-6):
 
 
 @pytest.mark.parametrize("name", [name for name, _ in RUNS])
-def test_two_ranks_make_the_update_of_one_rank(two_ranks, model_dir, name, one_rank_group):
+def test_two_ranks_make_the_update_of_one_rank(two_ranks, model_dir, untied_dir, name,
+                                               one_rank_group):
     out, results = two_ranks
     config = dict(dict(RUNS)[name])
-    reference, metrics = single_rank(model_dir, {**config, "strategy": "ddp"})
+    directory = untied_dir if name.endswith("untied") else model_dir
+    reference, metrics = single_rank(directory, {**config, "strategy": "ddp"})
     expected = reference.full_state_dict()
-    assert "lm_head.weight" in expected  # tied to the embeddings, published under both names
+    assert "lm_head.weight" in expected  # tied or not, published under both names
     assert_same_weights(expected, load_file(str(out / f"{name}.safetensors")))
     for key in ("loss", "grad_norm", "clip_frac", "entropy", "n_tokens"):
         assert results[name][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
