@@ -10,8 +10,9 @@ holds between steps:
   shard only), measured, not estimated;
 * ``gathered``: the transient full copies a sharded strategy all-gathers during the step, in
   the compute dtype: the root group (the final norm, and tied embeddings; FSDP2 keeps the
-  root unsharded from its forward to the end of its backward) plus the two largest other
-  groups (decoder layers, untied embeddings: the one running and the one prefetched).
+  root unsharded from its forward to the end of its backward) plus the largest other group
+  (a decoder layer or an untied embedding: the one running) and a decoder layer (its
+  neighbour, prefetched).
   Computed from the module structure; 0 under ``ddp``, which keeps the full parameters.
 
 DDP's gradient buckets (another 4 bytes per parameter) and activations are not counted.
@@ -79,11 +80,15 @@ def _gathered_bytes(model, strategy: str, dtype) -> int:
         return 0
     from services.learner_strategies._model_parts import decoder_layers, untied_embeddings
 
-    groups = [*decoder_layers(model), *untied_embeddings(model)]
+    def size(group):
+        return sum(p.numel() for p in group.parameters())
+
+    layers = decoder_layers(model)
+    groups = [*layers, *untied_embeddings(model)]
     in_groups = {id(p) for group in groups for p in group.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_groups)
-    largest = sorted(sum(p.numel() for p in group.parameters()) for group in groups)[-2:]
-    return (root + sum(largest)) * dtype.itemsize
+    # the group running and its neighbour prefetched: a decoder layer next to any group
+    return (root + max(map(size, groups)) + max(map(size, layers))) * dtype.itemsize
 
 
 def _rank(rank, world_size, port, model_dir, strategy, dtype, seq, out):

@@ -39,6 +39,10 @@ RUNS = [
     ("fsdp2_kl_micro", dict(strategy="fsdp2", kl_coef=0.5, micro_batch_size=1, **PLAIN)),
     ("fsdp2_ac", dict(strategy="fsdp2", activation_checkpointing=True, **PLAIN)),
     ("fsdp2_untied", dict(strategy="fsdp2", **PLAIN)),  # on the untied model
+    # ddp's bf16 autocast wrapper with no_sync and checkpointed layers (one row per pass on
+    # one rank and two alike, so bf16 rounds the same)
+    ("ddp_bf16_micro_ac", dict(strategy="ddp", dtype="bfloat16", micro_batch_size=1,
+                               activation_checkpointing=True, **PLAIN)),
 ]
 BF16_UPDATES = 4
 
