@@ -76,6 +76,8 @@ class FSDP2Strategy(LearnerStrategy):
                 f"world_size={world_size!r} is invalid: the torch.distributed process group has "
                 f"{dist.get_world_size()} ranks and this is rank {dist.get_rank()} (expected "
                 f"rank {rank})")
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # the mesh, and the shards, go to the current device
         self.mesh = init_device_mesh(device.type, (world_size,))
         compute = torch.bfloat16 if dtype == "bfloat16" else None
         self.policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
