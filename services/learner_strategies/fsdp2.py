@@ -16,7 +16,7 @@ Precision (``learner.dtype: bfloat16``): fp32 master parameters and fp32 AdamW s
 compute. ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` casts each
 layer's gathered parameters to bf16 for its forward/backward and reduces gradients in fp32 into
 fp32 gradient shards; the optimizer then updates fp32 shards. Why not bf16 parameters: bf16
-keeps 8 mantissa bits, so a parameter of magnitude ~1e-2 moves only in steps of ~4e-5, and an
+keeps 8 mantissa bits, so a parameter of magnitude ~1e-2 moves only in steps of ~6e-5, and an
 AdamW update of ~lr = 1e-6 (the paper's rate) rounds to no change at all. The cost: bf16 does
 not shrink the state held between steps (4 + 4 + 8 bytes per parameter, divided by W); it
 shrinks the all-gathered layer copies, the activations and the communication of parameters.
