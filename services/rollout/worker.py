@@ -100,9 +100,11 @@ class RolloutWorker:
         self.backend = make_backend(backend, model_dir, options or {})
         self._weight_sync = make_weight_sync(weight_sync)  # rollout.weight_sync
         self.version = initial_version
+        self.loads = 0  # weight versions loaded
 
     def ready(self) -> dict:
-        return {"name": self.name, "version": self.version, "pid": os.getpid()}
+        return {"name": self.name, "version": self.version, "pid": os.getpid(),
+                "loads": self.loads}
 
     def set_weights(self, version: int, handle: WeightHandle) -> float:
         """Receive a policy version through the weight sync and load it; returns the seconds
@@ -110,6 +112,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         self.backend.load_weights(self._weight_sync.receive(handle))
         self.version = version
+        self.loads += 1
         return time.perf_counter() - t0
 
     def generate(self, request: RolloutRequest, params: SamplingParams | None = None

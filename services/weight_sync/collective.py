@@ -1,0 +1,287 @@
+"""``collective``: learner rank 0 broadcasts the weights to the rollout workers over a
+torch.distributed group of their own (gloo on CPU; NCCL on GPU — written, not yet run on a GPU).
+
+Who takes part. Every learner rank runs :meth:`CollectiveSync.send`, since gathering the full
+state dict is a collective of the learners' own group (a sharded strategy needs every rank);
+only rank 0, which holds the gathered weights, joins the weight-sync group as its source
+(rank 0 of it) and the rollout workers are ranks 1..N. More learner ranks as sources would
+split the bytes over several links, which only pays off across machines with their own NICs;
+one source keeps the group and its failure modes simple.
+
+The group. It is built directly from a ``TCPStore`` (served by the driver, which outlives every
+actor of a run) and ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` — never
+``init_process_group``, so it is independent of the learners' default group and of the one
+vLLM starts in its worker. Every publish is a new *epoch*: its keys live under their own
+prefix, the handle names the store's address, the epoch and the number of receivers, and a
+worker takes the next free rank of that epoch when it joins. A finished broadcast cannot be
+received again, so a worker that joins later (the pool scales up, or replaces a dead worker)
+gets a *re-issued* handle: a new epoch in which learner rank 0 re-broadcasts the buckets it
+kept from its last send (it keeps them until the next publish, so a re-issue during an
+asynchronous step, while the learners already train the next version, still sends the
+version the pool serves).
+
+What travels. The state dict is cast to the rollout dtype (floating-point tensors only) and
+packed into flat buckets of ``rollout.collective.bucket_mb`` per dtype
+(:mod:`services.weight_sync._buckets`); the layout (names, shapes, dtypes, offsets) goes
+through the store as JSON, the bytes only through the group. A worker receives every bucket
+and hands the backend a state dict of views into them (the vLLM backend's ``reload_weights``
+then copies them in place; the buckets are collected first rather than streamed bucket by
+bucket into it — one copy of the weights in the rollout dtype, as with ``object_store``).
+
+Failures never hang. Members first check in through the store; the driver can *abort* an
+epoch (the pool does when a member of it died), and a member waiting to check in stops at
+once with :class:`SyncAborted`. Once all have checked in, a member that dies mid-broadcast
+closes its connections and the others' broadcast fails; anything else stops at
+``rollout.collective.timeout_s``. The pool then replaces the dead and re-issues to the rest
+(:meth:`services.rollout.pool.RolloutPool.sync`), so each worker loads the version once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import ray
+import torch
+import torch.distributed as dist
+
+from services.weight_sync import WeightHandle, WeightSync, register_weight_sync
+from services.weight_sync._buckets import dtype_of, empty_buckets, nbytes, pack, unpack
+
+if TYPE_CHECKING:
+    from services.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.005  # how often a member waiting to check in looks at the store
+DEFAULT_BUCKET_MB = 64.0  # rollout.collective's defaults, for a driver not given a config
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class SyncAborted(RuntimeError):
+    """The driver aborted this weight-sync epoch (a member of it died)."""
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """The payload of a collective handle: where and how to join one epoch's group."""
+
+    host: str
+    port: int
+    epoch: int  # this group's key prefix
+    receivers: int  # rollout workers in the group (ranks 1..receivers)
+    source_epoch: int  # the publish whose weights it carries (== epoch unless re-issued)
+    dtype: str  # the rollout dtype the floating-point tensors travel in
+    bucket_bytes: int
+    backend: str  # gloo | nccl
+    timeout_s: float
+
+    @property
+    def prefix(self) -> str:
+        return f"harpo-weights/{self.epoch}/"
+
+    @property
+    def world(self) -> int:
+        return self.receivers + 1
+
+
+@dataclass
+class _Sent:
+    """What learner rank 0 keeps of its last send, for re-issues."""
+
+    epoch: int
+    layout: dict
+    buckets: list
+
+
+_LAST_SENT: _Sent | None = None  # in a learner process: its last publish's buckets
+
+
+def rollout_dtype(config: TrainConfig) -> str:
+    """The dtype the rollout backend serves in: ``rollout.vllm.dtype`` (``auto``: the
+    checkpoint's) for vLLM; the Hugging Face backend loads float32."""
+    if config.rollout.backend == "vllm":
+        dtype = config.rollout.vllm.dtype
+        if dtype == "auto":
+            from services.rollout.vllm_backend import _model_dtype
+
+            dtype = _model_dtype(str(config.model.path))
+        return dtype
+    return "float32"
+
+
+def _client(rdv: Rendezvous) -> dist.Store:
+    store = dist.TCPStore(rdv.host, rdv.port, is_master=False,
+                          timeout=timedelta(seconds=rdv.timeout_s))
+    return dist.PrefixStore(rdv.prefix, store)
+
+
+def _check_in(store: dist.Store, rdv: Rendezvous, rank: int) -> None:
+    """Wait until every member of the epoch checked in, or the driver aborted it."""
+    store.add("joined", 1)
+    deadline = time.monotonic() + rdv.timeout_s
+    while store.add("joined", 0) < rdv.world:
+        if store.check(["aborted"]):
+            raise SyncAborted(f"weight-sync epoch {rdv.epoch} was aborted (a member died) "
+                              f"before rank {rank} of {rdv.world} could start")
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"weight-sync epoch {rdv.epoch}: {store.add('joined', 0)} of {rdv.world} "
+                f"members joined within rollout.collective.timeout_s = {rdv.timeout_s:g} s")
+        time.sleep(POLL_S)
+
+
+def _group(store: dist.Store, rdv: Rendezvous, rank: int):
+    timeout = timedelta(seconds=rdv.timeout_s)
+    group_store = dist.PrefixStore("pg/", store)
+    if rdv.backend == "nccl":  # not run on a GPU yet
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(group_store, rank, rdv.world, options)
+    return dist.ProcessGroupGloo(group_store, rank, rdv.world, timeout)
+
+
+def _broadcast(group, buckets: list[torch.Tensor]) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    for bucket in buckets:
+        group.broadcast([bucket], options).wait()
+
+
+def _shutdown(group) -> None:
+    """Close the group's connections now (not at garbage collection), so that peers still in a
+    broadcast with this member fail at once."""
+    for close in ("abort", "shutdown"):
+        if hasattr(group, close):
+            try:
+                getattr(group, close)()
+                return
+            except Exception:  # noqa: BLE001 - best effort: the group is being dropped
+                continue
+
+
+def _device(rdv: Rendezvous) -> str:
+    return "cuda" if rdv.backend == "nccl" else "cpu"
+
+
+@register_weight_sync("collective")
+class CollectiveSync(WeightSync):
+    """Driver side: one instance per run (it serves the rendezvous store and counts epochs);
+    learner and worker sides are stateless calls."""
+
+    def __init__(self):
+        self.options: dict = {"dtype": "float32", "bucket_bytes": int(DEFAULT_BUCKET_MB * 2**20),
+                              "backend": "gloo", "timeout_s": DEFAULT_TIMEOUT_S}
+        self._store: dist.TCPStore | None = None
+        self._host = ""
+        self._epoch = 0
+        self._learners = None
+        self._sends: list[ray.ObjectRef] = []  # learner tasks not yet collected
+
+    def configure(self, config: TrainConfig) -> CollectiveSync:
+        section = config.rollout.collective
+        on_gpu = config.rollout.gpus_per_worker > 0 and config.learner.gpus_per_worker > 0
+        self.options = {"dtype": rollout_dtype(config),
+                        "bucket_bytes": max(1, int(section.bucket_mb * 2**20)),
+                        "backend": "nccl" if on_gpu else "gloo",
+                        "timeout_s": float(section.timeout_s)}
+        return self
+
+    # ------------------------------------------------------------------ driver
+
+    def _rendezvous(self, receivers: int, source_epoch: int | None = None) -> Rendezvous:
+        if self._store is None:
+            self._host = ray.util.get_node_ip_address()
+            self._store = dist.TCPStore(self._host, 0, is_master=True, wait_for_workers=False,
+                                        timeout=timedelta(seconds=self.options["timeout_s"]))
+        self._epoch += 1
+        return Rendezvous(self._host, self._store.port, self._epoch, receivers,
+                          self._epoch if source_epoch is None else source_epoch,
+                          **self.options)
+
+    def publish(self, learners, receivers: int = 1) -> WeightHandle:
+        self.collect()
+        self._learners = learners
+        rdv = self._rendezvous(receivers)
+        self._sends.extend(learners.send_weights(self.name, rdv))
+        return WeightHandle(self.name, rdv)
+
+    def reissue(self, handle: WeightHandle, receivers: int) -> WeightHandle:
+        """The same weights for ``receivers`` more workers: learner rank 0 re-broadcasts the
+        buckets of ``handle``'s publish to a new epoch's group."""
+        self._check(handle)
+        rdv = self._rendezvous(receivers, source_epoch=handle.payload.source_epoch)
+        self._sends.extend(self._learners.send_weights(self.name, rdv))
+        return WeightHandle(self.name, rdv)
+
+    def abort(self, handle: WeightHandle) -> None:
+        """Members of ``handle``'s epoch still waiting to start give up at once."""
+        if self._store is not None:
+            self._store.set(f"{handle.payload.prefix}aborted", "1")
+
+    def collect(self) -> None:
+        """Wait for the learner side of every publish and re-issue so far. Their failures are
+        the mirror of the workers' (which the pool acts on), so they are logged, not raised."""
+        sends, self._sends = self._sends, []
+        for ref in sends:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("a weight-sync send did not complete: %s", exc)
+
+    # ------------------------------------------------------------------ learner
+
+    def send(self, core, rdv: Rendezvous):
+        global _LAST_SENT
+        replay = rdv.source_epoch != rdv.epoch
+        if not replay:
+            weights = core.full_state_dict()  # every rank: a sharded strategy gathers here
+            if weights is None:  # not the source
+                return None
+            _LAST_SENT = None  # the previous version's buckets go before the new ones come
+            layout, buckets = pack(weights, dtype_of(rdv.dtype), rdv.bucket_bytes,
+                                   device=_device(rdv))
+            del weights
+            _LAST_SENT = _Sent(rdv.epoch, layout, buckets)
+        elif core.rank != 0:
+            return None
+        sent = _LAST_SENT
+        if sent is None or sent.epoch != rdv.source_epoch:
+            raise RuntimeError(
+                f"learner rank 0 no longer holds the weights of weight-sync epoch "
+                f"{rdv.source_epoch} (it holds {sent and sent.epoch}); publish again")
+        t0 = time.perf_counter()
+        store = _client(rdv)
+        store.set("layout", json.dumps(sent.layout))
+        _check_in(store, rdv, 0)
+        group = _group(store, rdv, 0)
+        try:
+            _broadcast(group, sent.buckets)
+        finally:
+            _shutdown(group)
+        return {"bytes": nbytes(sent.buckets), "seconds": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ rollout worker
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        self._check(handle)
+        rdv: Rendezvous = handle.payload
+        store = _client(rdv)
+        rank = store.add("rank", 1)
+        if rank > rdv.receivers:
+            raise RuntimeError(f"weight-sync epoch {rdv.epoch} was issued for {rdv.receivers} "
+                               f"workers, and a {rank}th joined")
+        _check_in(store, rdv, rank)  # the source wrote the layout before it checked in
+        layout = json.loads(store.get("layout"))
+        buckets = empty_buckets(layout, _device(rdv))
+        group = _group(store, rdv, rank)
+        try:
+            _broadcast(group, buckets)
+        finally:
+            _shutdown(group)
+        return unpack(layout, buckets)
+
