@@ -66,6 +66,10 @@ class SyncAborted(RuntimeError):
     """The driver aborted this weight-sync epoch (a member of it died)."""
 
 
+class WeightSyncBroken(RuntimeError):
+    """A broadcast failed part-way (a member died or timed out)."""
+
+
 @dataclass(frozen=True)
 class Rendezvous:
     """The payload of a collective handle: where and how to join one epoch's group."""
@@ -82,7 +86,11 @@ class Rendezvous:
 
     @property
     def prefix(self) -> str:
-        return f"harpo-weights/{self.epoch}/"
+        return f"harpo-weights/{self.epoch}"
+
+    def scope(self, store: dist.Store) -> dist.Store:
+        """``store`` seen through this epoch's key prefix."""
+        return dist.PrefixStore(self.prefix, store)
 
     @property
     def world(self) -> int:
@@ -117,7 +125,7 @@ def rollout_dtype(config: TrainConfig) -> str:
 def _client(rdv: Rendezvous) -> dist.Store:
     store = dist.TCPStore(rdv.host, rdv.port, is_master=False,
                           timeout=timedelta(seconds=rdv.timeout_s))
-    return dist.PrefixStore(rdv.prefix, store)
+    return rdv.scope(store)
 
 
 def _check_in(store: dist.Store, rdv: Rendezvous, rank: int) -> None:
@@ -137,7 +145,7 @@ def _check_in(store: dist.Store, rdv: Rendezvous, rank: int) -> None:
 
 def _group(store: dist.Store, rdv: Rendezvous, rank: int):
     timeout = timedelta(seconds=rdv.timeout_s)
-    group_store = dist.PrefixStore("pg/", store)
+    group_store = dist.PrefixStore("pg", store)
     if rdv.backend == "nccl":  # not run on a GPU yet
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
@@ -145,23 +153,28 @@ def _group(store: dist.Store, rdv: Rendezvous, rank: int):
     return dist.ProcessGroupGloo(group_store, rank, rdv.world, timeout)
 
 
-def _broadcast(group, buckets: list[torch.Tensor]) -> None:
+def _broadcast(store: dist.Store, rdv: Rendezvous, rank: int,
+               buckets: list[torch.Tensor]) -> None:
+    """Join the epoch's group as ``rank`` and broadcast ``buckets`` from rank 0.
+
+    The group is dropped before an error is raised: its connections close then, so peers
+    still in the broadcast fail at once instead of at the timeout (``abort()`` does not close
+    a gloo group's connections; releasing the last reference does, and an exception's
+    traceback would keep one alive).
+    """
+    group = _group(store, rdv, rank)
     options = dist.BroadcastOptions()
     options.rootRank = 0
-    for bucket in buckets:
-        group.broadcast([bucket], options).wait()
-
-
-def _shutdown(group) -> None:
-    """Close the group's connections now (not at garbage collection), so that peers still in a
-    broadcast with this member fail at once."""
-    for close in ("abort", "shutdown"):
-        if hasattr(group, close):
-            try:
-                getattr(group, close)()
-                return
-            except Exception:  # noqa: BLE001 - best effort: the group is being dropped
-                continue
+    error = None
+    try:
+        for bucket in buckets:
+            group.broadcast([bucket], options).wait()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, without its frames
+        error = f"{type(exc).__name__}: {exc}"
+    del group
+    if error is not None:
+        raise WeightSyncBroken(f"weight-sync epoch {rdv.epoch}, rank {rank} of {rdv.world}: "
+                               f"{error}")
 
 
 def _device(rdv: Rendezvous) -> str:
@@ -221,7 +234,7 @@ class CollectiveSync(WeightSync):
     def abort(self, handle: WeightHandle) -> None:
         """Members of ``handle``'s epoch still waiting to start give up at once."""
         if self._store is not None:
-            self._store.set(f"{handle.payload.prefix}aborted", "1")
+            handle.payload.scope(self._store).set("aborted", "1")
 
     def collect(self) -> None:
         """Wait for the learner side of every publish and re-issue so far. Their failures are
@@ -258,11 +271,7 @@ class CollectiveSync(WeightSync):
         store = _client(rdv)
         store.set("layout", json.dumps(sent.layout))
         _check_in(store, rdv, 0)
-        group = _group(store, rdv, 0)
-        try:
-            _broadcast(group, sent.buckets)
-        finally:
-            _shutdown(group)
+        _broadcast(store, rdv, 0, sent.buckets)
         return {"bytes": nbytes(sent.buckets), "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ rollout worker
@@ -278,10 +287,6 @@ class CollectiveSync(WeightSync):
         _check_in(store, rdv, rank)  # the source wrote the layout before it checked in
         layout = json.loads(store.get("layout"))
         buckets = empty_buckets(layout, _device(rdv))
-        group = _group(store, rdv, rank)
-        try:
-            _broadcast(group, buckets)
-        finally:
-            _shutdown(group)
+        _broadcast(store, rdv, rank, buckets)
         return unpack(layout, buckets)
 

@@ -164,21 +164,22 @@ def test_a_worker_killed_mid_broadcast_is_replaced_and_each_worker_loads_once(ru
     actors = run[0]
     _step(run, seed=2)
     sync = actors.weight_sync
-    sync.options["bucket_bytes"] = 2048  # ~1000 broadcasts: the kill lands inside them
+    sync.options["bucket_bytes"] = 512  # ~7000 broadcasts: the kill lands inside them
     victim = actors.pool.workers[0]
     survivor = actors.pool.workers[1]
-    killed = threading.Event()
+    killed, done = threading.Event(), threading.Event()
 
     def killer():
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            store = sync._store
-            if store is not None and sync._epoch >= 2:
-                prefix = f"harpo-weights/{sync._epoch}/"
-                if store.check([prefix + "joined"]) and store.add(prefix + "joined", 0) == 3:
-                    ray.kill(victim.actor, no_restart=True)  # every member is broadcasting
-                    killed.set()
-                    return
+        from torch.distributed import PrefixStore
+
+        # the next publish's check-ins
+        store = PrefixStore(f"harpo-weights/{sync._epoch + 1}", sync._store)
+        while time.monotonic() < deadline and not done.is_set():
+            if store.check(["joined"]) and store.add("joined", 0) == 3:
+                ray.kill(victim.actor, no_restart=True)  # every member is broadcasting
+                killed.set()
+                return
             time.sleep(0.001)
 
     thread = threading.Thread(target=killer, daemon=True)
@@ -186,10 +187,12 @@ def test_a_worker_killed_mid_broadcast_is_replaced_and_each_worker_loads_once(ru
     try:
         report = actors.sync_weights(2)
     finally:
+        done.set()
         sync.options["bucket_bytes"] = int(0.25 * 2**20)
     thread.join(timeout=10)
     assert killed.is_set(), "the kill never happened"
     assert report.failures == 1
+    print("KILL SYNC SECONDS", report.seconds, report.load_seconds)
     names = [m.name for m in actors.pool.workers]
     assert victim.name not in names and survivor.name in names and len(names) == 2
     expected = _learner_weights(actors)
