@@ -129,15 +129,17 @@ class _Learners:
         return [self.source.send_weights.remote(transport, *args)]
 
 
-def _time_sync(sync, learners, sinks, transport) -> float:
+def _time_sync(sync, learners, sinks, transport) -> tuple[float, dict]:
+    """Seconds from publish until every sink holds the state dict; the source's phases."""
     import ray
 
     t0 = time.perf_counter()
     handle = sync.publish(learners, len(sinks))
     got = ray.get([s.receive.remote(transport, handle) for s in sinks])
-    sync.collect()
+    seconds = time.perf_counter() - t0
+    phases = (sync.collect() or [{}])[0]
     assert all(n == got[0][1] for _, n in got)
-    return time.perf_counter() - t0
+    return seconds, phases
 
 
 def run(args) -> list[dict]:
@@ -163,11 +165,15 @@ def run(args) -> list[dict]:
             sync = make_weight_sync(transport)
             if transport == "collective":
                 sync.options["bucket_bytes"] = int(args.bucket_mb * 2**20)
-            times = [_time_sync(sync, learners, sinks, transport)
-                     for _ in range(args.repeats + 1)][1:]
-            seconds = statistics.median(times)
-            rows.append({"receivers": receivers, "transport": transport, "gb": gb,
-                         "s_per_gb": seconds / gb, "x_raw": seconds / raw})
+            runs = [_time_sync(sync, learners, sinks, transport)
+                    for _ in range(args.repeats + 1)][1:]
+            seconds = statistics.median(t for t, _ in runs)
+            row = {"receivers": receivers, "transport": transport, "gb": gb,
+                   "s_per_gb": seconds / gb, "x_raw": seconds / raw}
+            for phase in ("pack_s", "check_in_s", "broadcast_s"):  # collective's source
+                if phase in runs[0][1]:
+                    row[phase] = statistics.median(p[phase] for _, p in runs)
+            rows.append(row)
         for sink in sinks:
             ray.kill(sink)
     ray.kill(source)
@@ -188,10 +194,13 @@ def main(argv=None) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; state {rows[0]['gb']:.3f} GB float32; "
           f"median of {args.repeats}; collective buckets {args.bucket_mb:g} MB")
-    print(f"{'receivers':>9}  {'transport':<13} {'s/GB':>8}  {'× raw copy':>10}")
+    print(f"{'receivers':>9}  {'transport':<13} {'s/GB':>8}  {'× raw copy':>10}  "
+          f"source phases (s): pack, check-in, broadcast")
     for row in rows:
+        phases = ", ".join(f"{row[p]:.3f}" for p in ("pack_s", "check_in_s", "broadcast_s")
+                           if p in row)
         print(f"{row['receivers']:>9}  {row['transport']:<13} {row['s_per_gb']:>8.3f}  "
-              f"{row['x_raw']:>10.2f}")
+              f"{row['x_raw']:>10.2f}  {phases}")
 
 
 if __name__ == "__main__":

@@ -79,8 +79,10 @@ class WeightSync:
     def abort(self, handle: WeightHandle) -> None:
         """Driver: a receiver of ``handle`` died; let the others stop waiting for it."""
 
-    def collect(self) -> None:
-        """Driver: wait for the learner side of what was published so far."""
+    def collect(self) -> list[dict]:
+        """Driver: wait for the learner side of what was published so far; returns what
+        each send reported (transport-specific figures, e.g. seconds per phase)."""
+        return []
 
     def send(self, core: LearnerCore, *args) -> Any:
         """Learner rank (inside its actor, on every rank): this rank's part of publishing."""

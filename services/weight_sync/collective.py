@@ -236,21 +236,28 @@ class CollectiveSync(WeightSync):
         if self._store is not None:
             handle.payload.scope(self._store).set("aborted", "1")
 
-    def collect(self) -> None:
-        """Wait for the learner side of every publish and re-issue so far. Their failures are
-        the mirror of the workers' (which the pool acts on), so they are logged, not raised."""
+    def collect(self) -> list[dict]:
+        """Wait for the learner side of every publish and re-issue so far; returns the source's
+        figures of each (bytes, pack_s, broadcast_s). Failures are the mirror of the workers'
+        (which the pool acts on), so they are logged, not raised."""
         sends, self._sends = self._sends, []
+        done = []
         for ref in sends:
             try:
-                ray.get(ref)
+                result = ray.get(ref)
             except Exception as exc:  # noqa: BLE001
                 log.warning("a weight-sync send did not complete: %s", exc)
+                continue
+            if result is not None:
+                done.append(result)
+        return done
 
     # ------------------------------------------------------------------ learner
 
     def send(self, core, rdv: Rendezvous):
         global _LAST_SENT
         replay = rdv.source_epoch != rdv.epoch
+        t0 = time.perf_counter()
         if not replay:
             weights = core.full_state_dict()  # every rank: a sharded strategy gathers here
             if weights is None:  # not the source
@@ -267,12 +274,14 @@ class CollectiveSync(WeightSync):
             raise RuntimeError(
                 f"learner rank 0 no longer holds the weights of weight-sync epoch "
                 f"{rdv.source_epoch} (it holds {sent and sent.epoch}); publish again")
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         store = _client(rdv)
         store.set("layout", json.dumps(sent.layout))
         _check_in(store, rdv, 0)
+        t2 = time.perf_counter()
         _broadcast(store, rdv, 0, sent.buckets)
-        return {"bytes": nbytes(sent.buckets), "seconds": time.perf_counter() - t0}
+        return {"bytes": nbytes(sent.buckets), "pack_s": t1 - t0, "check_in_s": t2 - t1,
+                "broadcast_s": time.perf_counter() - t2}
 
     # ------------------------------------------------------------------ rollout worker
 

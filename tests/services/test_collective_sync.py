@@ -20,6 +20,7 @@ from services.weight_sync._buckets import pack, unpack
 from tests.services.conftest import tiny_config
 
 PROMPTS = 4
+TIMEOUT_S = 90  # rollout.collective.timeout_s of the module's run
 VLLM_OPTIONS = {"dtype": "auto", "max_model_len": 256, "kv_cache_memory_mb": 64,
                 "enforce_eager": True}
 
@@ -71,7 +72,7 @@ def run(ray_cluster, tiny_assets, tmp_path_factory):
     config = tiny_config(
         tiny_assets, root / "run", data={"prompts_per_step": PROMPTS},
         rollout={"workers": 2, "weight_sync": "collective",
-                 "collective": {"bucket_mb": 0.25, "timeout_s": 60}},
+                 "collective": {"bucket_mb": 0.25, "timeout_s": TIMEOUT_S}},
         reward={"scorers": 1}, learner={"workers": 2},
         algorithm={"estimator": "grpo"}).with_absolute_paths()
     actors = ActorSet(config, str(config.model.path), version=0, estimator_state=None,
@@ -192,7 +193,9 @@ def test_a_worker_killed_mid_broadcast_is_replaced_and_each_worker_loads_once(ru
     thread.join(timeout=10)
     assert killed.is_set(), "the kill never happened"
     assert report.failures == 1
-    print("KILL SYNC SECONDS", report.seconds, report.load_seconds)
+    # the survivors did not wait out rollout.collective.timeout_s: the death broke their
+    # broadcast at once (the sync's time is mostly the replacement's start)
+    assert report.seconds < TIMEOUT_S, report.seconds
     names = [m.name for m in actors.pool.workers]
     assert victim.name not in names and survivor.name in names and len(names) == 2
     expected = _learner_weights(actors)
