@@ -255,33 +255,44 @@ class CollectiveSync(WeightSync):
     # ------------------------------------------------------------------ learner
 
     def send(self, core, rdv: Rendezvous):
-        global _LAST_SENT
-        replay = rdv.source_epoch != rdv.epoch
         t0 = time.perf_counter()
-        if not replay:
+        weights = None  # a re-issue sends the buckets kept from its publish
+        if rdv.source_epoch == rdv.epoch:
             weights = core.full_state_dict()  # every rank: a sharded strategy gathers here
             if weights is None:  # not the source
                 return None
-            _LAST_SENT = None  # the previous version's buckets go before the new ones come
-            layout, buckets = pack(weights, dtype_of(rdv.dtype), rdv.bucket_bytes,
-                                   device=_device(rdv))
-            del weights
-            _LAST_SENT = _Sent(rdv.epoch, layout, buckets)
         elif core.rank != 0:
             return None
-        sent = _LAST_SENT
-        if sent is None or sent.epoch != rdv.source_epoch:
-            raise RuntimeError(
-                f"learner rank 0 no longer holds the weights of weight-sync epoch "
-                f"{rdv.source_epoch} (it holds {sent and sent.epoch}); publish again")
-        t1 = time.perf_counter()
         store = _client(rdv)
+        try:
+            sent = self._buckets(weights, rdv)
+        except BaseException:
+            store.set("aborted", "1")  # the workers stop waiting for a source that never comes
+            raise
+        weights = None  # only the buckets stay while they are sent
+        t1 = time.perf_counter()
         store.set("layout", json.dumps(sent.layout))
         _check_in(store, rdv, 0)
         t2 = time.perf_counter()
         _broadcast(store, rdv, 0, sent.buckets)
         return {"bytes": nbytes(sent.buckets), "pack_s": t1 - t0, "check_in_s": t2 - t1,
                 "broadcast_s": time.perf_counter() - t2}
+
+    @staticmethod
+    def _buckets(weights: dict | None, rdv: Rendezvous) -> _Sent:
+        """Pack ``weights`` and keep them for re-issues; None: the kept ones (a re-issue)."""
+        global _LAST_SENT
+        if weights is not None:
+            _LAST_SENT = None  # the previous version's buckets go before the new ones come
+            layout, buckets = pack(weights, dtype_of(rdv.dtype), rdv.bucket_bytes,
+                                   device=_device(rdv))
+            _LAST_SENT = _Sent(rdv.epoch, layout, buckets)
+        sent = _LAST_SENT
+        if sent is None or sent.epoch != rdv.source_epoch:
+            raise RuntimeError(
+                f"learner rank 0 no longer holds the weights of weight-sync epoch "
+                f"{rdv.source_epoch} (it holds {sent and sent.epoch}); publish again")
+        return sent
 
     # ------------------------------------------------------------------ rollout worker
 

@@ -60,6 +60,89 @@ def test_bad_collective_settings_are_named(values, message):
                       "rollout": {"weight_sync": "collective", "collective": values}})
 
 
+# ------------------------------------------------------------------ one process, threads
+
+class _Source:
+    """What ``CollectiveSync.send`` needs of a ``LearnerCore``: its rank and the weights."""
+
+    def __init__(self, weights, rank=0):
+        self.weights, self.rank = weights, rank
+
+    def full_state_dict(self):
+        return self.weights if self.rank == 0 else None
+
+
+def _driver(timeout_s=20.0, bucket_bytes=1024):
+    from services.weight_sync.collective import CollectiveSync
+
+    sync = CollectiveSync()
+    sync.options.update(timeout_s=timeout_s, bucket_bytes=bucket_bytes)
+    return sync
+
+
+def _in_thread(fn, *args):
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_a_broadcast_in_threads_and_a_reissue_from_the_kept_buckets():
+    from services.weight_sync import WeightHandle
+    from services.weight_sync.collective import CollectiveSync
+
+    g = torch.Generator().manual_seed(1)
+    weights = {"embed": torch.randn(64, 16, generator=g), "w": torch.randn(16, 16, generator=g)}
+    weights["head"] = weights["embed"]
+    sync = _driver()
+    rdv = sync._rendezvous(2)
+    sender, sent = _in_thread(CollectiveSync().send, _Source(weights), rdv)
+    receivers = [_in_thread(CollectiveSync().receive, WeightHandle("collective", rdv))
+                 for _ in range(2)]
+    assert CollectiveSync().send(_Source(weights, rank=1), rdv) is None  # not the source
+    for thread, box in [(sender, sent), *receivers]:
+        thread.join(timeout=60)
+        assert "error" not in box, box.get("error")
+    assert sent["value"]["bytes"] == (64 * 16 + 16 * 16) * 4  # the tied head travels once
+    for _, box in receivers:
+        _assert_same(box["value"], weights)
+    # a re-issue (a worker that joins later) gets the same weights from the kept buckets
+    again = sync._rendezvous(1, source_epoch=rdv.epoch)
+    sender, _ = _in_thread(CollectiveSync().send, _Source(None), again)
+    _assert_same(CollectiveSync().receive(WeightHandle("collective", again)), weights)
+    sender.join(timeout=60)
+
+
+@pytest.mark.parametrize("how", ["driver aborts", "source lost the weights"])
+def test_a_receiver_waiting_for_a_group_that_cannot_form_stops_at_once(how):
+    from services.weight_sync import WeightHandle
+    from services.weight_sync.collective import CollectiveSync, SyncAborted
+
+    sync = _driver(timeout_s=60.0)
+    t0 = time.monotonic()
+    if how == "driver aborts":
+        handle = WeightHandle("collective", sync._rendezvous(2))  # two receivers; one comes
+        receiver, box = _in_thread(CollectiveSync().receive, handle)
+        time.sleep(0.2)
+        sync.abort(handle)  # what the pool does when the other receiver died
+    else:  # a re-issue of weights the learner no longer holds (e.g. it restarted)
+        stale = sync._rendezvous(1, source_epoch=0)
+        receiver, box = _in_thread(CollectiveSync().receive, WeightHandle("collective", stale))
+        time.sleep(0.2)
+        with pytest.raises(RuntimeError, match="no longer holds the weights"):
+            CollectiveSync().send(_Source(None), stale)
+    receiver.join(timeout=30)
+    assert isinstance(box.get("error"), SyncAborted), box
+    assert time.monotonic() - t0 < 30  # not the 60 s timeout
+
+
 # ------------------------------------------------------------------ one run's actors
 
 @pytest.fixture(scope="module")
