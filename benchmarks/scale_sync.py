@@ -1,8 +1,8 @@
 """Weight-sync seconds per GB: ``collective`` vs ``object_store`` vs a raw in-memory copy.
 
 Workload (issue 16): a random state dict shaped like a Qwen2 decoder (hidden 768, 12 layers,
-MLP 2048, vocab 32,000, tied embeddings: 100.1M parameters, 0.373 GB (2^30 bytes) in float32), published
-from one "learner rank 0" actor to 1 or 2 "rollout worker" actors, all on this machine's
+MLP 2048, vocab 32,000, tied embeddings: 100.1M parameters, 0.373 GB (2^30 bytes) in float32),
+published from one "learner rank 0" actor to 1 or 2 "rollout worker" actors, all on this machine's
 embedded Ray. Each transport runs its real code: ``ObjectStoreSync`` / ``CollectiveSync``
 ``publish`` on the driver, ``send`` in the source actor (the same call a ``Learner`` makes,
 on a stand-in for ``LearnerCore`` that returns the state dict), ``receive`` in each worker.

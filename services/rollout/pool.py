@@ -177,7 +177,7 @@ class RolloutPool:
         self.version, self.weights = version, weights
         result = SyncResult()
         members, handle = list(self.workers), weights
-        for attempt in range(self.max_retries + 1):
+        for _ in range(self.max_retries + 1):
             failed, died = self._load(members, version, handle, result)
             if not failed:
                 return result
