@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from services.plugins import Plugins
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
     from services.config import TrainConfig
@@ -91,6 +93,12 @@ class WeightSync:
     def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
         """Rollout worker: the full state dict the handle stands for."""
         raise NotImplementedError
+
+    def receive_stream(self, handle: WeightHandle
+                       ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor]]] | None:
+        """Rollout worker: the tensor names, then ``(name, tensor)`` pairs as they arrive, for
+        a backend that loads a stream; None: this transport hands over whole state dicts."""
+        return None
 
     def _check(self, handle: WeightHandle) -> None:
         if handle.transport != self.name:

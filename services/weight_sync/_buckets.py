@@ -12,6 +12,8 @@ travel through a key-value store; only the buckets carry tensor bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
 Layout = dict  # {"buckets": [[dtype, numel], ...], "tensors": [[name, shape, bucket, offset]]}
@@ -101,6 +103,25 @@ def unpack(layout: Layout, buckets: list[torch.Tensor]) -> dict[str, torch.Tenso
             numel *= n
         out[name] = buckets[k][offset:offset + numel].view(shape)
     return out
+
+
+def unpack_stream(layout: Layout, receive: Callable[[torch.Tensor], None],
+                  device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` bucket by bucket: each bucket is allocated and filled by
+    ``receive(bucket)`` only when the consumer reaches it, then its tensors (tied ones
+    included: they view their original's bucket) are yielded as views, so a consumer that
+    copies them holds one bucket at a time, not the whole state dict."""
+    by_bucket: dict[int, list] = {}
+    for entry in layout["tensors"]:
+        by_bucket.setdefault(entry[2], []).append(entry)
+    for k, (dtype, numel) in enumerate(layout["buckets"]):
+        bucket = torch.empty(numel, dtype=dtype_of(dtype), device=device)
+        receive(bucket)
+        for name, shape, _, offset in by_bucket.get(k, []):
+            size = 1
+            for n in shape:
+                size *= n
+            yield name, bucket[offset:offset + size].view(shape)
 
 
 def nbytes(buckets: list[torch.Tensor]) -> int:

@@ -23,10 +23,13 @@ version the pool serves).
 What travels. The state dict is cast to the rollout dtype (floating-point tensors only) and
 packed into flat buckets of ``rollout.collective.bucket_mb`` per dtype
 (:mod:`services.weight_sync._buckets`); the layout (names, shapes, dtypes, offsets) goes
-through the store as JSON, the bytes only through the group. A worker receives every bucket
-and hands the backend a state dict of views into them (the vLLM backend's ``reload_weights``
-then copies them in place; the buckets are collected first rather than streamed bucket by
-bucket into it — one copy of the weights in the rollout dtype, as with ``object_store``).
+through the store as JSON, the bytes only through the group. A backend that takes a stream
+(vLLM: ``reload_weights`` consumes an iterator in place, checked on the CPU build) gets the
+tensors as each bucket arrives (:meth:`CollectiveSync.receive_stream`), so a worker holds one
+bucket, not a second copy of the weights; the Hugging Face backend gets a state dict of views
+into all buckets (:meth:`CollectiveSync.receive`). A stream broken part-way leaves some
+layers updated: the worker then serves nothing until a full load succeeds
+(:class:`services.rollout.worker.RolloutWorker`).
 
 Failures never hang. Members first check in through the store; the driver can *abort* an
 epoch (the pool does when a member of it died), and a member waiting to check in stops at
@@ -50,7 +53,14 @@ import torch
 import torch.distributed as dist
 
 from services.weight_sync import WeightHandle, WeightSync, register_weight_sync
-from services.weight_sync._buckets import dtype_of, empty_buckets, nbytes, pack, unpack
+from services.weight_sync._buckets import (
+    dtype_of,
+    empty_buckets,
+    nbytes,
+    pack,
+    unpack,
+    unpack_stream,
+)
 
 if TYPE_CHECKING:
     from services.config import TrainConfig
@@ -153,28 +163,36 @@ def _group(store: dist.Store, rdv: Rendezvous, rank: int):
     return dist.ProcessGroupGloo(group_store, rank, rdv.world, timeout)
 
 
-def _broadcast(store: dist.Store, rdv: Rendezvous, rank: int,
-               buckets: list[torch.Tensor]) -> None:
-    """Join the epoch's group as ``rank`` and broadcast ``buckets`` from rank 0.
+class _Member:
+    """This process's place in one epoch's group.
 
     The group is dropped before an error is raised: its connections close then, so peers
     still in the broadcast fail at once instead of at the timeout (``abort()`` does not close
     a gloo group's connections; releasing the last reference does, and an exception's
-    traceback would keep one alive).
+    traceback would keep one alive if the group were a local of a failing frame).
     """
-    group = _group(store, rdv, rank)
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    error = None
-    try:
-        for bucket in buckets:
-            group.broadcast([bucket], options).wait()
-    except Exception as exc:  # noqa: BLE001 - re-raised below, without its frames
-        error = f"{type(exc).__name__}: {exc}"
-    del group
-    if error is not None:
-        raise WeightSyncBroken(f"weight-sync epoch {rdv.epoch}, rank {rank} of {rdv.world}: "
-                               f"{error}")
+
+    def __init__(self, store: dist.Store, rdv: Rendezvous, rank: int):
+        self.rdv, self.rank = rdv, rank
+        self.group = _group(store, rdv, rank)
+        self.options = dist.BroadcastOptions()
+        self.options.rootRank = 0
+
+    def broadcast(self, bucket: torch.Tensor) -> None:
+        if self.group is None:
+            raise WeightSyncBroken(f"weight-sync epoch {self.rdv.epoch}: the group is closed")
+        error = None
+        try:
+            self.group.broadcast([bucket], self.options).wait()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once the group is gone
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            self.close()
+            raise WeightSyncBroken(f"weight-sync epoch {self.rdv.epoch}, rank {self.rank} of "
+                                   f"{self.rdv.world}: {error}")
+
+    def close(self) -> None:
+        self.group = None
 
 
 def _device(rdv: Rendezvous) -> str:
@@ -274,7 +292,10 @@ class CollectiveSync(WeightSync):
         store.set("layout", json.dumps(sent.layout))
         _check_in(store, rdv, 0)
         t2 = time.perf_counter()
-        _broadcast(store, rdv, 0, sent.buckets)
+        member = _Member(store, rdv, 0)
+        for bucket in sent.buckets:
+            member.broadcast(bucket)
+        member.close()
         return {"bytes": nbytes(sent.buckets), "pack_s": t1 - t0, "check_in_s": t2 - t1,
                 "broadcast_s": time.perf_counter() - t2}
 
@@ -296,7 +317,8 @@ class CollectiveSync(WeightSync):
 
     # ------------------------------------------------------------------ rollout worker
 
-    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    def _join(self, handle: WeightHandle) -> tuple[dict, _Member]:
+        """Take a rank in the handle's epoch, wait for the others, read the layout."""
         self._check(handle)
         rdv: Rendezvous = handle.payload
         store = _client(rdv)
@@ -306,7 +328,26 @@ class CollectiveSync(WeightSync):
                                f"workers, and a {rank}th joined")
         _check_in(store, rdv, rank)  # the source wrote the layout before it checked in
         layout = json.loads(store.get("layout"))
-        buckets = empty_buckets(layout, _device(rdv))
-        _broadcast(store, rdv, rank, buckets)
+        return layout, _Member(store, rdv, rank)
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        layout, member = self._join(handle)
+        buckets = empty_buckets(layout, _device(handle.payload))
+        for bucket in buckets:
+            member.broadcast(bucket)
+        member.close()
         return unpack(layout, buckets)
 
+    def receive_stream(self, handle: WeightHandle):
+        """The names, then ``(name, tensor)`` as each bucket arrives (the group is joined
+        before this returns; the broadcast advances as the iterator is consumed)."""
+        layout, member = self._join(handle)
+        names = [entry[0] for entry in layout["tensors"]]
+
+        def tensors():
+            try:
+                yield from unpack_stream(layout, member.broadcast, _device(handle.payload))
+            finally:  # done, failed, or abandoned by the consumer: leave the group
+                member.close()
+
+        return names, tensors()

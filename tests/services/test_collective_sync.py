@@ -104,8 +104,15 @@ def test_a_broadcast_in_threads_and_a_reissue_from_the_kept_buckets():
     sync = _driver()
     rdv = sync._rendezvous(2)
     sender, sent = _in_thread(CollectiveSync().send, _Source(weights), rdv)
-    receivers = [_in_thread(CollectiveSync().receive, WeightHandle("collective", rdv))
-                 for _ in range(2)]
+    handle = WeightHandle("collective", rdv)
+
+    def streamed(handle):  # what the vLLM backend is given: names, then a lazy stream
+        names, tensors = CollectiveSync().receive_stream(handle)
+        got = {name: tensor.clone() for name, tensor in tensors}
+        assert sorted(names) == sorted(got)
+        return got
+
+    receivers = [_in_thread(CollectiveSync().receive, handle), _in_thread(streamed, handle)]
     assert CollectiveSync().send(_Source(weights, rank=1), rdv) is None  # not the source
     for thread, box in [(sender, sent), *receivers]:
         thread.join(timeout=60)
