@@ -210,6 +210,7 @@ class CollectiveSync(WeightSync):
         self._store: dist.TCPStore | None = None
         self._host = ""
         self._epoch = 0
+        self._forgotten = 0  # epochs up to this one have no layout in the store any more
         self._learners = None
         self._sends: list[ray.ObjectRef] = []  # learner tasks not yet collected
 
@@ -235,7 +236,8 @@ class CollectiveSync(WeightSync):
                           **self.options)
 
     def publish(self, learners, receivers: int = 1) -> WeightHandle:
-        self.collect()
+        self.collect()  # every earlier epoch is over: its receivers loaded or gave up
+        self._forget_layouts()
         self._learners = learners
         rdv = self._rendezvous(receivers)
         self._sends.extend(learners.send_weights(self.name, rdv))
@@ -248,6 +250,13 @@ class CollectiveSync(WeightSync):
         rdv = self._rendezvous(receivers, source_epoch=handle.payload.source_epoch)
         self._sends.extend(self._learners.send_weights(self.name, rdv))
         return WeightHandle(self.name, rdv)
+
+    def _forget_layouts(self) -> None:
+        """Drop the layouts (the only large keys) of the epochs so far from the store, which
+        would otherwise grow by one per sync for the whole run."""
+        for epoch in range(self._forgotten + 1, self._epoch + 1):
+            dist.PrefixStore(f"harpo-weights/{epoch}", self._store).delete_key("layout")
+        self._forgotten = self._epoch
 
     def abort(self, handle: WeightHandle) -> None:
         """Members of ``handle``'s epoch still waiting to start give up at once."""

@@ -125,6 +125,18 @@ def test_a_broadcast_in_threads_and_a_reissue_from_the_kept_buckets():
     sender, _ = _in_thread(CollectiveSync().send, _Source(None), again)
     _assert_same(CollectiveSync().receive(WeightHandle("collective", again)), weights)
     sender.join(timeout=60)
+    # the next publish drops the finished epochs' layouts from the driver's store
+    from torch.distributed import PrefixStore
+
+    layouts = [PrefixStore(f"harpo-weights/{e}", sync._store) for e in (rdv.epoch, again.epoch)]
+    assert all(store.check(["layout"]) for store in layouts)
+
+    class NoLearners:  # publish's only call to the learners; nothing is sent here
+        def send_weights(self, *args):
+            return []
+
+    sync.publish(NoLearners(), 1)
+    assert not any(store.check(["layout"]) for store in layouts)
 
 
 @pytest.mark.parametrize("how", ["driver aborts", "source lost the weights"])
