@@ -285,7 +285,10 @@ class CollectiveSync(WeightSync):
         t0 = time.perf_counter()
         weights = None  # a re-issue sends the buckets kept from its publish
         if rdv.source_epoch == rdv.epoch:
-            weights = core.full_state_dict()  # every rank: a sharded strategy gathers here
+            # every rank: a sharded strategy gathers here. In the learner's dtype: pack casts
+            # while it copies into the buckets (a cast here would be one more copy, and would
+            # untie the tied embeddings, which then travel twice)
+            weights = core.full_state_dict()
             if weights is None:  # not the source
                 return None
         elif core.rank != 0:

@@ -1,7 +1,8 @@
 """The ``collective`` weight sync on a real embedded Ray: real gloo groups between two learner
 ranks and the rollout workers (Hugging Face and the vLLM CPU build), the tiny model.
 
-One run's actors (``ActorSet``: 2 learner ranks, 2 HF rollout workers) serve the whole module,
+One run's actors (``ActorSet``: 2 ``fsdp2`` learner ranks, so every rank takes part in
+gathering the weights it publishes; 2 HF rollout workers) serve the whole module,
 in order: weights bit-identical to the object store's; a worker killed mid-broadcast is
 replaced and every worker loads the version exactly once; a pool scaled up (with a vLLM worker)
 serves the new version from all workers, and vLLM's log-probs match the learners' after a
@@ -175,7 +176,7 @@ def run(ray_cluster, tiny_assets, tmp_path_factory):
         tiny_assets, root / "run", data={"prompts_per_step": PROMPTS},
         rollout={"workers": 2, "weight_sync": "collective",
                  "collective": {"bucket_mb": 0.25, "timeout_s": TIMEOUT_S}},
-        reward={"scorers": 1}, learner={"workers": 2},
+        reward={"scorers": 1}, learner={"workers": 2, "strategy": "fsdp2"},
         algorithm={"estimator": "grpo"}).with_absolute_paths()
     actors = ActorSet(config, str(config.model.path), version=0, estimator_state=None,
                       run_root=root, on_restart=lambda role: None,
