@@ -108,6 +108,15 @@ class VLLMSection(Section):
     compile_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for the engine
 
 
+class CollectiveSection(Section):
+    """Settings of the ``collective`` weight sync (``rollout.weight_sync: collective``)."""
+
+    bucket_mb: Annotated[float, Field(gt=0.0)] = 64.0  # broadcast bucket size, per dtype
+    # longest wait for the group's members (a check-in, a stalled broadcast); a dead member
+    # stops the others sooner (see services/weight_sync/collective.py)
+    timeout_s: Annotated[float, Field(gt=0.0)] = 300.0
+
+
 class AutoscaleSection(Section):
     """Grow or shrink the rollout pool between steps by the share of step time spent generating.
 
@@ -159,6 +168,7 @@ class RolloutSection(Section):
     vllm: VLLMSection = Field(default_factory=VLLMSection)
     # How new weights reach the workers (a module of services/weight_sync).
     weight_sync: Annotated[str, AfterValidator(WEIGHT_SYNCS.check)] = "object_store"
+    collective: CollectiveSection = Field(default_factory=CollectiveSection)
 
 
 
