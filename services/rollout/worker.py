@@ -17,6 +17,8 @@ from services.rollout.backend import Generation, SamplingParams
 from services.rollout.registry import make_backend
 from services.weight_sync import WeightHandle, make_weight_sync
 
+TORN = -1  # the version of a worker whose weights a failed streaming load left half-updated
+
 
 class StalePolicyError(RuntimeError):
     """A worker was asked to serve a policy version it does not hold."""
@@ -108,12 +110,13 @@ class RolloutWorker:
                              f"backend {backend!r} has no sleep() / wake_up()")
         self._weight_sync = make_weight_sync(weight_sync)  # rollout.weight_sync
         self.version = initial_version
+        self.loads = 0  # weight versions loaded
         self.asleep = False
         self.sleeps = 0  # times put to sleep (rollout.colocate)
 
     def ready(self) -> dict:
         return {"name": self.name, "version": self.version, "pid": os.getpid(),
-                "asleep": self.asleep, "sleeps": self.sleeps}
+                "loads": self.loads, "asleep": self.asleep, "sleeps": self.sleeps}
 
     def sleep(self) -> None:
         """Release the accelerator while a colocated learner updates (``rollout.colocate``).
@@ -132,8 +135,16 @@ class RolloutWorker:
         it took (receiving and waking included)."""
         t0 = time.perf_counter()
         self._wake()
-        self.backend.load_weights(self._weight_sync.receive(handle))
+        load_stream = getattr(self.backend, "load_weight_stream", None)
+        stream = self._weight_sync.receive_stream(handle) if load_stream else None
+        if stream is not None:
+            # a stream broken part-way leaves some layers new: serve nothing until a full load
+            self.version = TORN
+            load_stream(*stream)
+        else:
+            self.backend.load_weights(self._weight_sync.receive(handle))
         self.version = version
+        self.loads += 1
         return time.perf_counter() - t0
 
     def generate(self, request: RolloutRequest, params: SamplingParams | None = None
