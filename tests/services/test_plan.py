@@ -39,24 +39,6 @@ def gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fsdp2_name():
-    """Until the fsdp2 strategy lands (its own branch), a name-only stand-in registered as
-    ``fsdp2`` lets a config name it: the planner needs the name, never the class."""
-    from services.learner_strategies import STRATEGIES
-
-    if "fsdp2" in STRATEGIES.available():
-        yield
-        return
-
-    class Fsdp2NameStandIn:
-        pass
-
-    STRATEGIES.register("fsdp2")(Fsdp2NameStandIn)
-    yield
-    STRATEGIES._classes.pop("fsdp2", None)
-
-
 @pytest.fixture(scope="module")
 def qwen7b(tmp_path_factory) -> Path:
     model = tmp_path_factory.mktemp("qwen2.5-7b-shape")
