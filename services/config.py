@@ -22,8 +22,8 @@ from pydantic import (
 
 from harpo_core.loss_config import AGGREGATIONS, KL_ESTIMATORS, LossConfig
 from harpo_core.rewards import RewardConfig
-from services.config_algorithm import AlgorithmSection
 from services.checkpoint_uri import check_checkpoint_uri
+from services.config_algorithm import AlgorithmSection
 from services.config_base import Fraction, PositiveInt, Section, is_loopback
 from services.learner_strategies import STRATEGIES
 from services.rollout.backend import SamplingParams

@@ -19,8 +19,8 @@
 
 A checkpoint is written into a temporary directory (``checkpoints/.tmp-step-N-PID``) and renamed
 into place, so a crash leaves either the old set or the new one, never half a checkpoint; the
-temporary directory a killed writer leaves is removed when the run resumes. Loading verifies the manifest and
-skips (with a message) a checkpoint that does not match it.
+temporary directory a killed writer leaves is removed when the run resumes. Loading verifies
+the manifest and skips (with a message) a checkpoint that does not match it.
 """
 
 from __future__ import annotations

@@ -203,3 +203,39 @@ def test_metrics_say_what_waits_and_how_uploads_went():
 @pytest.fixture(autouse=True)
 def _no_env_uri(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+def test_harpo_train_resume_of_a_lost_run_directory_gets_config_and_checkpoint(
+        tiny_assets, tmp_path, monkeypatch, capsys):
+    """`harpo train --resume RUN_DIR` with RUN_DIR gone and $HARPO_CHECKPOINT_URI set: the
+    config comes from the store, and the checks before Ray download its newest checkpoint."""
+    import shutil
+
+    from services.cli import _load_train_config, build_parser
+    from services.run_owner import claim_and_check
+
+    run = RunDir(tmp_path / "run")
+    config = tiny_config(tiny_assets, run.root)
+    run.create()
+    run.config_path.write_text(config.to_yaml())
+
+    def write(tmp):
+        shutil.copytree(tiny_assets.model_dir, tmp / "model")
+        (tmp / "trainer.json").write_text(json.dumps({"completed_steps": 1, "version": 1}))
+
+    CheckpointStore(str(tmp_path / "store")).upload(
+        run.save_checkpoint(1, write, keep=2), keep=2, config_path=run.config_path)
+    shutil.rmtree(run.root)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "store"))
+    args = build_parser().parse_args(["train", "--resume", str(run.root)])
+    loaded = with_env_uri(_load_train_config(args))
+    assert loaded.run.output_dir == run.root
+    assert loaded.run.checkpoint_uri == str(tmp_path / "store")
+    resume, lock = claim_and_check(loaded, resume=True, overwrite=False, job=False, note=None)
+    lock.release()
+    assert resume
+    assert run.latest_valid_checkpoint() == run.checkpoints / "step-000001"
+    with pytest.raises(FileNotFoundError, match="is not a run directory"):
+        monkeypatch.delenv(ENV_VAR)
+        _load_train_config(build_parser().parse_args(["train", "--resume",
+                                                      str(tmp_path / "other")]))
