@@ -262,16 +262,20 @@ def test_no_node_comes_back_stops_cleanly_with_a_checkpoint(cluster, fault_free,
     message = str(info.value)
     assert message.startswith("no node with CPU=0.5, rollout_node=1 for rollout ")
     assert "(run.capacity_timeout_s = 4)" in message
-    checkpoint = run.checkpoints / "step-000001"
-    assert message.endswith(f"Stopped at step 1 of {STEPS}; checkpoint {checkpoint}; resume "
-                            f"with: harpo train --resume {run.root}")
+    # step 1 was generating when the node died; its workers' processes may still finish it
+    # before they notice their raylet is gone, so the stop comes in step 1 or step 2
+    done = int(message.split("Stopped at step ")[1].split()[0])
+    assert done in (1, 2), message
+    checkpoint = run.checkpoints / f"step-{done:06d}"
+    assert message.endswith(f"Stopped at step {done} of {STEPS}; checkpoint {checkpoint}; "
+                            f"resume with: harpo train --resume {run.root}")
     assert run.latest_valid_checkpoint() == checkpoint
     assert seen[-1] == 1.0  # harpo_waiting_for_capacity said so while it waited
     # the step in flight gave its prompts back: the same state as the fault-free run's
-    reference = fault_free[1] / "run" / "checkpoints" / "step-000001"
+    reference = fault_free[1] / "run" / "checkpoints" / checkpoint.name
     for name in ("sampler.json", "trainer.json", "estimator.json"):
         assert (checkpoint / name).read_text() == (reference / name).read_text(), name
-    assert _comparable(run.read_metrics()) == _comparable(fault_free[0][:1])
+    assert _comparable(run.read_metrics()) == _comparable(fault_free[0][:done])
 
 
 def test_learner_killed_during_save_restarts_identically(cluster, fault_free, tiny_assets,
