@@ -35,8 +35,11 @@ from tests.services.conftest import tiny_config
 BIN = Path(sys.executable).parent
 STEPS = 3
 VOLATILE = {"timing", "rollouts_per_s", "tokens_per_s", "restarts", "weight_sync_failures"}
-ROLLOUT = {"workers": 2, "group_size": 4, "max_new_tokens": 12,
-           "resources": {"rollout_node": 1}, "cpus_per_worker": 0.5}
+# One rollout worker that fills a rollout node (2 CPUs), so nothing else is placed there;
+# one reward scorer (on the head): few actors to start on 2 shared cores.
+ROLLOUT = {"workers": 1, "group_size": 4, "max_new_tokens": 12,
+           "resources": {"rollout_node": 1}, "cpus_per_worker": 2}
+REWARD = {"scorers": 1}
 
 
 def _free_port() -> int:
@@ -117,7 +120,7 @@ class Cluster:
                 proc.terminate()
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(victims, timeout=15)
+        _, alive = psutil.wait_procs(victims, timeout=5)
         for proc in alive:
             proc.kill()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -168,7 +171,7 @@ def s3_stand_in():
 
 def _config(assets, run_dir, **run):
     return tiny_config(assets, run_dir, run={"steps": STEPS, "checkpoint_every": 1, **run},
-                       rollout=ROLLOUT)
+                       rollout=ROLLOUT, reward=REWARD)
 
 
 def _comparable(rows):
@@ -254,14 +257,14 @@ def test_no_node_comes_back_stops_cleanly_with_a_checkpoint(cluster, fault_free,
             time.sleep(0.1)
 
     config = tiny_config(tiny_assets, tmp_path / "run",
-                         run={"steps": STEPS, "checkpoint_every": 0, "capacity_timeout_s": 4},
-                         rollout=ROLLOUT, observability={"metrics_port": 0})
+                         run={"steps": STEPS, "checkpoint_every": 0, "capacity_timeout_s": 10},
+                         rollout=ROLLOUT, reward=REWARD, observability={"metrics_port": 0})
     with pytest.raises(CapacityTimeout) as info:
         _train(config, during=fault)
     run = RunDir(tmp_path / "run")
     message = str(info.value)
-    assert message.startswith("no node with CPU=0.5, rollout_node=1 for rollout ")
-    assert "(run.capacity_timeout_s = 4)" in message
+    assert message.startswith("no node with CPU=2, rollout_node=1 for rollout ")
+    assert "(run.capacity_timeout_s = 10)" in message
     # step 1 was generating when the node died; its workers' processes may still finish it
     # before they notice their raylet is gone, so the stop comes in step 1 or step 2
     done = int(message.split("Stopped at step ")[1].split()[0])
@@ -280,8 +283,9 @@ def test_no_node_comes_back_stops_cleanly_with_a_checkpoint(cluster, fault_free,
 
 def test_learner_killed_during_save_restarts_identically(cluster, fault_free, tiny_assets,
                                                          tmp_path):
-    """The learner process is SIGKILLed while it writes the checkpoint after step 2: the job
-    restarts from step 1's checkpoint, the half-written one is gone, the rows are identical."""
+    """The learner process is SIGKILLed while it writes the last checkpoint (after step 3):
+    the job restarts from step 2's checkpoint, the half-written one is gone, step 3 runs again
+    and the rows are identical."""
     cluster.add_rollout_node()  # the last test left no rollout node
     killed = []
 
@@ -289,8 +293,8 @@ def test_learner_killed_during_save_restarts_identically(cluster, fault_free, ti
         group = trainer.actors.learners
         real = group._all_ranks
 
-        def save_and_die(what, call):  # the checkpoint after step 2, once
-            if what != "save" or killed or trainer.completed_steps != 2:
+        def save_and_die(what, call):  # the checkpoint after the last step, once
+            if what != "save" or killed or trainer.completed_steps != STEPS:
                 return real(what, call)
             refs = call()  # the save is under way ...
             os.kill(group.pids[0], signal.SIGKILL)  # ... and its writer dies
