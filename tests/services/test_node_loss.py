@@ -62,34 +62,42 @@ class Cluster:
 
     def __init__(self):
         self.root = tempfile.mkdtemp(prefix="hn-", dir="/tmp")
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self._nodes = 0
-        self._start(["--head", "--port", str(self.port), "--num-cpus", "6",
-                     "--ray-client-server-port", str(_free_port()),
-                     "--include-dashboard", "false"], "head")
 
-    def _start(self, args: list[str], name: str) -> str:
-        temp_dir = os.path.join(self.root, name)
-        cmd = [str(BIN / "ray"), "start", *args, "--node-ip-address", "127.0.0.1",
-               "--temp-dir", temp_dir, "--disable-usage-stats",
-               "--node-manager-port", str(_free_port()),
-               "--object-manager-port", str(_free_port()),
-               "--dashboard-agent-listen-port", str(_free_port()),
-               "--dashboard-agent-grpc-port", str(_free_port()),
-               "--runtime-env-agent-port", str(_free_port()),
-               "--metrics-export-port", str(_free_port())]
+        def head():
+            self.port = _free_port()
+            self.address = f"127.0.0.1:{self.port}"
+            return ["--head", "--port", str(self.port), "--num-cpus", "6",
+                    "--ray-client-server-port", str(_free_port()), "--include-dashboard", "false"]
+
+        self._start(head, "head")
+
+    def _start(self, args, name: str) -> str:
+        """`ray start`; ports picked free may be taken by another process before Ray binds
+        them (the machine is shared), so a failed start is cleaned up and tried again."""
         env = _env()
         if name == "head":  # a node whose raylet is gone is declared dead in ~3 s, not ~30 s
             env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
                        RAY_health_check_failure_threshold="2")
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
-        return temp_dir
+        for attempt in range(3):
+            temp_dir = os.path.join(self.root, f"{name}{'-' * attempt}")
+            ports = ["--node-manager-port", "--object-manager-port",
+                     "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                     "--runtime-env-agent-port", "--metrics-export-port"]
+            cmd = [str(BIN / "ray"), "start", *args(), "--node-ip-address", "127.0.0.1",
+                   "--temp-dir", temp_dir, "--disable-usage-stats",
+                   *[x for flag in ports for x in (flag, str(_free_port()))]]
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            if result.returncode == 0:
+                return temp_dir
+            self._stop_processes(temp_dir)
+        raise RuntimeError(f"`ray start` failed 3 times:\n{result.stdout[-2000:]}\n"
+                           f"{result.stderr[-2000:]}")
 
     def add_rollout_node(self) -> str:
         self._nodes += 1
-        return self._start(["--address", self.address, "--num-cpus", "2",
-                            "--resources", json.dumps({"rollout_node": 2})],
+        return self._start(lambda: ["--address", self.address, "--num-cpus", "2",
+                                    "--resources", json.dumps({"rollout_node": 2})],
                            f"n{self._nodes}")
 
     @staticmethod
@@ -114,7 +122,11 @@ class Cluster:
                 pass
 
     def stop(self) -> None:
-        victims = self.processes(self.root)
+        self._stop_processes(self.root)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_processes(self, temp_dir: str) -> None:
+        victims = self.processes(temp_dir)
         for proc in victims:
             try:
                 proc.terminate()
@@ -123,7 +135,6 @@ class Cluster:
         _, alive = psutil.wait_procs(victims, timeout=5)
         for proc in alive:
             proc.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
