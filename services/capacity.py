@@ -86,6 +86,8 @@ class CapacityWait:
                         ray.get(ref)
                         return actor
                     except RayActorError as exc:
+                        if getattr(exc, "actor_init_failed", False):
+                            raise  # its own start-up failed (a bug, bad input): no retry
                         log.warning("%s %s died while starting (%s); starting it again",
                                     role, name, _last_line(exc))
                         ray.kill(actor)

@@ -186,6 +186,25 @@ def test_capacity_wait_names_what_no_node_has(ray_cluster):
     assert ray.get(actor.ready.remote())
     ray.kill(actor)
 
+    # an actor whose own start-up fails is not started again: its error is the job's
+    @ray.remote(num_cpus=0.1)
+    class Broken:
+        def __init__(self):
+            raise ValueError("no such model")
+
+        def ready(self):
+            return True
+
+    made = []
+
+    def make():
+        made.append(Broken.remote())
+        return made[-1]
+
+    with pytest.raises(ray.exceptions.RayActorError, match="no such model"):
+        wait.ready("rollout", "rollout-1", make, {"CPU": 0.1})
+    assert len(made) == 1
+
 
 def test_metrics_say_what_waits_and_how_uploads_went():
     from services.metrics import MetricsExporter
