@@ -190,6 +190,8 @@ class LearnerGroup:
         try:
             return ray.get(call())
         except ray.exceptions.RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                raise  # its own start-up failed (a bug, bad input): a restart would too
             raise LearnerFailure(f"a learner died during {what}: {exc}") from exc
         except ray.exceptions.RayTaskError as exc:
             if self._any_dead():  # a survivor's collective broke because a rank died
