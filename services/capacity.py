@@ -7,8 +7,11 @@ brings one, Ray keeps the request pending; :class:`CapacityWait` waits for it wi
 into the ``harpo_waiting_for_capacity`` gauge), up to ``run.capacity_timeout_s`` of waiting,
 after which :class:`CapacityTimeout` names the resources nobody could provide.
 
-Only time spent *unplaced* counts against the deadline: an actor that found a node may take
-as long as it needs to start (a large model loads slowly). A replacement placed on a node
+Only time spent *unplaced* counts against the deadline — until Ray has leased a worker
+process for the actor on some node (starting that process is included, seconds on a loaded
+host); after that the actor may take as long as it needs to start (a large model loads
+slowly). Placement is read from the GCS actor table (``ray._private.state``, a private API:
+where it cannot be read, all waiting counts). A replacement placed on a node
 that is already dead but not yet known to be (Ray marks a node dead after missed heartbeats)
 dies at once; it is started again, on whatever node has the resources.
 """

@@ -173,16 +173,17 @@ def test_capacity_wait_names_what_no_node_has(ray_cluster):
         "no node with CPU=0.1, gpu_node_that_never_comes=1 for rollout rollout-7 after "
         "waiting 2 s (run.capacity_timeout_s = 2)")
     assert seen == [("rollout", True), ("rollout", False)]
-    # an actor that can be placed is returned, however long its start takes
+    # an actor that was placed is returned, however long its start takes (the deadline
+    # counts until a worker process is leased for it, which takes seconds on a loaded host)
     @ray.remote(num_cpus=0.1)
     class Slow:
         def __init__(self):
-            time.sleep(2.5)
+            time.sleep(9)
 
         def ready(self):
             return True
 
-    actor = wait.ready("reward", "reward-0", Slow.remote, {"CPU": 0.1})
+    actor = CapacityWait(8.0).ready("reward", "reward-0", Slow.remote, {"CPU": 0.1})
     assert ray.get(actor.ready.remote())
     ray.kill(actor)
 
