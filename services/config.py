@@ -22,6 +22,7 @@ from pydantic import (
 
 from harpo_core.loss_config import AGGREGATIONS, KL_ESTIMATORS, LossConfig
 from harpo_core.rewards import RewardConfig
+from services.checkpoint_uri import check_checkpoint_uri
 from services.config_algorithm import AlgorithmSection
 from services.config_base import Fraction, PositiveInt, Section, is_loopback
 from services.learner_strategies import STRATEGIES
@@ -40,6 +41,17 @@ class RunSection(Section):
     keep_checkpoints: PositiveInt = 2
     # Automatic restarts from the last checkpoint after a learner failure (0: fail at once).
     max_restarts: Annotated[int, Field(ge=0)] = 3
+    # --- surviving a cluster (services/capacity.py, services/checkpoint_store.py)
+    # How long a lost actor's replacement (or the learners' placement group) may wait for a
+    # node with its resources before the job stops with a checkpoint, naming what is missing.
+    capacity_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
+    # Object storage that receives every checkpoint (a pyarrow.fs URI: local path, file://,
+    # s3://, gs://, ...); --resume downloads from it when the run directory has none. Unset
+    # here, `harpo train` takes $HARPO_CHECKPOINT_URI (the Helm chart's checkpointUri).
+    checkpoint_uri: Annotated[str | None, AfterValidator(check_checkpoint_uri)] = None
+    # How long one checkpoint's upload may take; past it (or on an error) the run goes on and
+    # the next checkpoint is uploaded.
+    checkpoint_upload_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
 
 
 class ModelSection(Section):

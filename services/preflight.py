@@ -300,13 +300,17 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
     checkpoint = None
     model_dir = config.model.path
     if resume:
+        from services.checkpoint_store import latest_checkpoint
         from services.run_dir import RunDir
 
         run_dir = RunDir(config.run.output_dir)
-        checkpoint = run_dir.latest_valid_checkpoint()
+        # the run directory's, or the newest in run.checkpoint_uri (downloaded into it)
+        uri = config.run.checkpoint_uri if output else None
+        checkpoint = latest_checkpoint(run_dir, uri)
         if checkpoint is None:
-            raise PreflightError(f"no valid checkpoint under {run_dir.checkpoints} to resume "
-                                 f"from; start the run without --resume")
+            where = f" or in {uri}" if uri else ""
+            raise PreflightError(f"no valid checkpoint under {run_dir.checkpoints}{where} to "
+                                 f"resume from; start the run without --resume")
         model_dir = checkpoint / "model"
     # cheap checks first (files, headers, sizes, disk, ports), then the tokenizer: importing
     # transformers and tokenizing every prompt is the slow part
