@@ -56,6 +56,8 @@ _JOB_GAUGES = {
                              "Largest |rollout - learner| token log-prob gap"),
     "logprob_mismatch_mean": ("harpo_logprob_mismatch_mean",
                               "Mean |rollout - learner| token log-prob gap"),
+    "logprob_mismatch_p99": ("harpo_logprob_mismatch_p99",
+                             "99th percentile of the |rollout - learner| token log-prob gaps"),
     "signal_reference": ("harpo_signal_reference",
                          "Reference signal rho_ref (geometric mean of the task EMAs)"),
     "sample_factor_mean": ("harpo_sample_factor_mean", "Mean sample factor over the groups"),

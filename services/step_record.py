@@ -19,7 +19,7 @@ from harpo_core import GroupModulation
 
 # Learner metrics copied into the row as they are (when the learner reports them).
 LEARNER_KEYS = ("loss", "kl", "entropy", "clip_frac", "approx_kl", "grad_norm", "lr",
-                "logprob_mismatch_max", "logprob_mismatch_mean")
+                "logprob_mismatch_max", "logprob_mismatch_mean", "logprob_mismatch_p99")
 
 
 @dataclass(frozen=True)
