@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 
 def _chunk_log_softmax(hidden, weight, bias, temperature):
-    """Float32 log-softmax ``[n, V]`` of one chunk's logits ``(hidden @ W^T + b) / T``."""
+    """Float32 log-softmax ``[n, V]`` of one chunk's logits ``(hidden @ W^T + b) / T``, with
+    at most two ``[n, V]`` tensors alive (outside autograd: the temperature divides in place)."""
     logits = F.linear(hidden, weight, bias).float()
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.div_(temperature) if not torch.is_grad_enabled() else logits / temperature
     return F.log_softmax(logits, dim=-1)
 
 
@@ -45,7 +46,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
             end = min(start + chunk, n)
             logp = _chunk_log_softmax(hidden[start:end], weight, bias, temperature)
             logprobs[start:end] = logp.gather(-1, targets[start:end, None]).squeeze(-1)
-            entropy[start:end] = -(logp.exp() * logp).sum(-1)
+            entropy[start:end] = -logp.exp().mul_(logp).sum(-1)
             del logp
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature, ctx.chunk = temperature, chunk
