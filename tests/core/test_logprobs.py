@@ -108,3 +108,23 @@ def test_micro_batch_plans():
         assert plan[-1][1] == len(lengths)
     with pytest.raises(ValueError, match=r"max_tokens=0 is invalid: expected an int >= 1"):
         plan_micro_batches(lengths, max_tokens=0)
+
+
+def test_chunked_bf16_head_runs_in_its_dtype_and_stays_near_float32():
+    """bf16 hidden states and head (a mixed-precision learner): gradients come back in bf16,
+    the weight's accumulated over the chunks in float32, as close to the float32 result as the
+    full bf16 computation is."""
+    inputs = head_inputs(True)
+    exact = grads(lambda *a: full_logprobs(*a, temperature=0.7), inputs)
+    hidden, weight, bias, targets, upstream = inputs
+    low = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    full = grads(lambda *a: full_logprobs(*a, temperature=0.7), (*low, targets, upstream))
+    chunked = grads(lambda *a: chunked_logprobs(*a, temperature=0.7, chunk_tokens=8),
+                    (*low, targets, upstream))
+    assert chunked[0].dtype == torch.float32
+    assert [g.dtype for g in chunked[2]] == [torch.bfloat16] * 3
+    assert close(chunked[0], exact[0], 0.1)
+    for got, bf16, want in zip(chunked[2], full[2], exact[2]):
+        error = (got.float() - want).abs().max()
+        assert error <= 0.05 * want.abs().max()
+        assert error <= 2 * (bf16.float() - want).abs().max()
