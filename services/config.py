@@ -172,7 +172,7 @@ class LearnerSection(Section):
     # only, the update is the same); null: the rank's whole share of a mini-batch at once.
     micro_batch_size: PositiveInt | None = None
     # Sequences per micro-batch are also bounded by their padded token count (prompt +
-    # response, per rank); null: only micro_batch_size bounds them.
+    # response, per rank; a longer row goes alone); null: only micro_batch_size bounds them.
     micro_batch_tokens: PositiveInt | None = None
     ppo_epochs: PositiveInt = 1
     # Parameter dtype of the training forward/backward (reductions and optimizer state stay

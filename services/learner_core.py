@@ -86,12 +86,9 @@ class LearnerCore:
     * ``learner.mini_batch_prompts × rollout.group_size`` sequences per optimizer step, over
       all ranks together; ``learner.micro_batch_size`` (per rank, default: the whole local
       mini-batch) only bounds memory through gradient accumulation and does not change the
-      result; nor does ``learner.micro_batch_tokens``, which also bounds each micro-batch's
-      padded tokens (rows x its longest row, :mod:`harpo_core.micro_batches`).
-    * ``learner.logprob_chunk_tokens`` computes the log-probs from hidden states that many
-      tokens at a time (:mod:`services.learner_forward`); the strategy wraps that forward.
-    * ``learner.tis_cap``: truncated importance sampling against the rollouts' log-probs
-      (:func:`harpo_core.losses.policy_loss`).
+      result; nor does ``learner.micro_batch_tokens`` (padded tokens per micro-batch).
+    * The strategy wraps the forward module (:mod:`services.learner_forward`; chunked with
+      ``learner.logprob_chunk_tokens``); ``learner.tis_cap``: see ``policy_loss``.
     * ``learner.strategy`` (:mod:`services.learner_strategies`) wraps the model for the ranks.
     * The loss knobs are ``learner.loss_config()``; ``kl_coef > 0`` loads a frozen reference
       copy of the initial model.
@@ -302,7 +299,7 @@ class LearnerCore:
                 (loss * self.world_size).backward()
             self._record_micro(micro, stats, entropy, logprobs, loss, totals, measure_mismatch)
         if measure_mismatch:  # every rank takes part: the statistics are global
-            totals["mismatch"] = totals["mismatch"].gather(self._all_gather)
+            totals["mismatch"] = totals["mismatch"].gather(self.world_size, self.device)
         if check_mismatch:
             self._check_mismatch(totals["mismatch"].stats)
 
@@ -315,20 +312,6 @@ class LearnerCore:
         else:  # the same on every rank: gradients were all-reduced before the norm
             totals["skipped_steps"] += 1
             self.optimizer.zero_grad(set_to_none=True)
-
-    def _all_gather(self, values: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``values`` (1-D, lengths may differ), in rank order."""
-        if self.world_size == 1:
-            return [values]
-        values = values.to(self.device)
-        sizes = [torch.zeros(1, dtype=torch.long, device=self.device)
-                 for _ in range(self.world_size)]
-        dist.all_gather(sizes, torch.tensor([len(values)], device=self.device))
-        longest = max(int(size) for size in sizes)
-        padded = [torch.zeros(longest, dtype=values.dtype, device=self.device)
-                  for _ in range(self.world_size)]
-        dist.all_gather(padded, F.pad(values, (0, longest - len(values))))
-        return [part[:int(size)].cpu() for part, size in zip(padded, sizes)]
 
     def _check_mismatch(self, stats: dict[str, float]) -> None:
         """Refuse to step when the rollouts' log-probs are not the policy's (all ranks agree:

@@ -5,11 +5,12 @@ statistics and the rule)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from harpo_core.mismatch import MismatchRule, mismatch_rule, mismatch_stats
 
@@ -44,6 +45,21 @@ def learner_mismatch_rule(config: TrainConfig, model_dir: str | Path) -> Mismatc
                          config.learner.logprob_mismatch_tolerance)
 
 
+def all_gather_1d(values: torch.Tensor, world_size: int,
+                  device: torch.device) -> list[torch.Tensor]:
+    """Every rank's 1-D ``values`` (lengths may differ), in rank order, on CPU."""
+    if world_size == 1:
+        return [values]
+    values = values.to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([len(values)], device=device))
+    longest = max(int(size) for size in sizes)
+    padded = [torch.zeros(longest, dtype=values.dtype, device=device)
+              for _ in range(world_size)]
+    dist.all_gather(padded, F.pad(values, (0, longest - len(values))))
+    return [part[:int(size)].cpu() for part, size in zip(padded, sizes)]
+
+
 class MismatchGaps:
     """Per-token ``learner - rollout`` log-prob gaps of one mini-batch, this rank's until
     :meth:`gather` brings every rank's together."""
@@ -57,8 +73,9 @@ class MismatchGaps:
     def values(self) -> torch.Tensor:
         return torch.cat(self.parts) if self.parts else torch.zeros(0)
 
-    def gather(self, all_gather: Callable[[torch.Tensor], list[torch.Tensor]]) -> MismatchGaps:
-        return MismatchGaps(all_gather(self.values()))
+    def gather(self, world_size: int, device: torch.device) -> MismatchGaps:
+        """Every rank's gaps (a collective: every rank calls it)."""
+        return MismatchGaps(all_gather_1d(self.values(), world_size, device))
 
     @property
     def stats(self) -> dict[str, float]:

@@ -564,3 +564,17 @@ def test_tis_cap_weights_each_token_by_the_capped_learner_rollout_ratio(model_di
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     for name, grad in grads(capped).items():
         assert close(grad, 2 * plain_grads[name], 1e-5), name
+
+
+def test_the_rollout_dtype_comes_from_the_backend_and_the_checkpoint(tmp_path):
+    from services.learner_mismatch import learner_mismatch_rule
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+
+    def rule(**rollout):
+        return learner_mismatch_rule(make_config(rollout=rollout), tmp_path)
+
+    assert rule().dtypes == ("fp32", "fp32")  # hf serves float32 whatever the checkpoint
+    assert rule(backend="vllm").dtypes == ("bf16", "fp32")  # auto: the checkpoint's dtype
+    assert rule(backend="vllm", vllm={"dtype": "float32"}).dtypes == ("fp32", "fp32")
+    assert rule(backend="vllm", vllm={"dtype": "float16"}).tolerance == 0.2
