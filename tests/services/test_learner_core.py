@@ -428,7 +428,7 @@ def test_micro_batch_tokens_bound_every_pass_and_keep_the_update(model_dir):
                                                      micro_batch_size=rows, **COMMON))
         passes = []
         learner.policy.register_forward_hook(
-            lambda module, args, out: passes.append(tuple(args[0].shape)))
+            lambda module, args, out, passes=passes: passes.append(tuple(args[0].shape)))
         metrics = train(learner, make_batch())
         assert len(passes) == {14: 6, 11: BATCH}[budget] and sum(n for n, _ in passes) == BATCH
         # within the budget, or a row longer than it alone; each cut to its longest row
