@@ -40,3 +40,24 @@ def plan_micro_batches(lengths: Sequence[int], *, max_rows: int | None = None,
     if len(lengths):
         plan.append((start, len(lengths), width))
     return plan
+
+
+def split_to_count(plan: list[tuple[int, int, int]], lengths: Sequence[int],
+                   count: int) -> list[tuple[int, int, int]]:
+    """``plan`` with its micro-batches split until there are ``count`` of them: the one with
+    the most rows is halved each time (each half cut to its own longest row), so every bound
+    still holds. Data-parallel ranks use it to run the same number of passes (a sharded model
+    gathers its weights in every forward, a collective each rank must join).
+    """
+    if count > len(lengths):
+        raise ValueError(f"count={count} is invalid: expected at most {len(lengths)} (one row "
+                         f"per micro-batch)")
+    plan = list(plan)
+    while len(plan) < count:
+        index = max(range(len(plan)), key=lambda i: plan[i][1] - plan[i][0])
+        start, end, _ = plan[index]
+        middle = start + (end - start + 1) // 2
+        halves = [(a, b, max(max(int(n) for n in lengths[a:b]), 1))
+                  for a, b in ((start, middle), (middle, end))]
+        plan[index:index + 1] = halves
+    return plan

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from harpo_core.losses import policy_loss
-from harpo_core.micro_batches import plan_micro_batches
+from harpo_core.micro_batches import plan_micro_batches, split_to_count
 from services.learner_forward import PolicyLogprobs
 from services.learner_mismatch import MismatchGaps, learner_mismatch_rule
 from services.learner_optim import make_optimizer
@@ -159,17 +159,21 @@ class LearnerCore:
         each distribution that predicted a response token (rows in order, tokens in order)."""
         return policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
 
-    def _micro_batches(self, batch, max_rows) -> list[dict]:
+    def _micro_batches(self, batch, max_rows, *, ranks_agree: bool = False) -> list[dict]:
         """``batch`` cut into micro-batches of at most ``max_rows`` rows and, with
         ``learner.micro_batch_tokens``, of at most that many padded tokens, each cut to its
-        longest row (rows stay in order; a longer row goes alone)."""
+        longest row (rows stay in order; a longer row goes alone). ``ranks_agree`` (every
+        rank calls it): as many micro-batches on every rank."""
         n = len(batch["input_ids"])
         if self.micro_batch_tokens is None:
             size = max_rows or n
             return [{k: v[start:start + size] for k, v in batch.items()}
                     for start in range(0, n, size)]
-        plan = plan_micro_batches(batch["attention_mask"].sum(-1).tolist(), max_rows=max_rows,
-                                  max_tokens=self.micro_batch_tokens)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        plan = plan_micro_batches(lengths, max_rows=max_rows, max_tokens=self.micro_batch_tokens)
+        if ranks_agree and self.world_size > 1:  # every rank runs as many passes
+            count = torch.tensor([len(plan)], dtype=torch.float64, device=self.device)
+            plan = split_to_count(plan, lengths, int(self._global_sum(count, dist.ReduceOp.MAX)))
         return [{k: v[start:end, :width] if v.dim() == 2 else v[start:end]
                  for k, v in batch.items()} for start, end, width in plan]
 
@@ -189,12 +193,14 @@ class LearnerCore:
         return self._logprobs(self.ref_policy, batch, micro_batch_size).cpu()
 
     def _logprobs(self, policy, batch, micro_batch_size, *, responses_only: bool = False):
-        """Log-probs ``[B, T]`` in micro-batches: at every position, or (``responses_only``)
-        on ``response_mask`` only, through the update's own forward pass (:meth:`_forward`)."""
+        """Log-probs ``[B, T]`` in micro-batches: at every position, or (``responses_only``,
+        within an update: every rank calls it) on ``response_mask`` only, through the
+        update's own forward pass (:meth:`_forward`)."""
         width = batch["input_ids"].shape[1]
         batch = {k: v.to(self.device) for k, v in batch.items()}
         chunks = []
-        for micro in self._micro_batches(batch, micro_batch_size or self.micro_batch_size):
+        size = micro_batch_size or self.micro_batch_size
+        for micro in self._micro_batches(batch, size, ranks_agree=responses_only):
             if responses_only:
                 logprobs = self._forward(policy, micro)[0]
             else:
@@ -290,7 +296,7 @@ class LearnerCore:
         normalizer = max(sequences if seq_mean else tokens, 1.0)
 
         self.optimizer.zero_grad(set_to_none=True)
-        micros = self._micro_batches(mini, self.micro_batch_size)
+        micros = self._micro_batches(mini, self.micro_batch_size, ranks_agree=True)
         for index, micro in enumerate(micros):
             last = index == len(micros) - 1
             sync = nullcontext() if last else self.strategy.no_sync(self.train_model)

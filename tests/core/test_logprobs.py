@@ -5,7 +5,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from harpo_core.logprobs import chunked_logprobs, full_logprobs
-from harpo_core.micro_batches import plan_micro_batches
+from harpo_core.micro_batches import plan_micro_batches, split_to_count
 from harpo_core.packing import shared_prompt_forward, shared_prompt_hidden
 from tests.core.test_packing import grouped_batch
 
@@ -128,3 +128,15 @@ def test_chunked_bf16_head_runs_in_its_dtype_and_stays_near_float32():
         error = (got.float() - want).abs().max()
         assert error <= 0.05 * want.abs().max()
         assert error <= 2 * (bf16.float() - want).abs().max()
+
+
+def test_micro_batch_plans_split_to_a_count_that_ranks_agree_on():
+    lengths = [5, 3, 8, 2, 2, 9, 1]
+    plan = plan_micro_batches(lengths, max_tokens=16)  # 5 micro-batches
+    assert split_to_count(plan, lengths, 5) == plan
+    # the micro-batch with the most rows is halved, each half cut to its longest row
+    assert split_to_count(plan, lengths, 6) == [
+        (0, 1, 5), (1, 2, 3), (2, 4, 8), (4, 5, 2), (5, 6, 9), (6, 7, 1)]
+    assert split_to_count(plan, lengths, 7) == [(i, i + 1, n) for i, n in enumerate(lengths)]
+    with pytest.raises(ValueError, match=r"count=8 is invalid: expected at most 7"):
+        split_to_count(plan, lengths, 8)

@@ -176,8 +176,9 @@ DDP_CONFIGS = [
     dict(aggregation="seq-mean-token-mean", shared_prompt_forward=True),
     dict(aggregation="token-mean", kl_coef=0.5, shared_prompt_forward=True),
     # the chunked head's own backward under DDP's gradient hooks, token-budget micro-batches
+    # (14 tokens: rank 0 cuts its first mini-batch in two, rank 1 not, unless they agree)
     dict(aggregation="seq-mean-token-mean", shared_prompt_forward=True, logprob_chunk_tokens=4,
-         micro_batch_tokens=30),
+         micro_batch_tokens=14),
 ]
 
 
@@ -193,7 +194,13 @@ def ddp_worker(rank, world_size, port, model_dir, out_dir):
         for index, config in enumerate(DDP_CONFIGS):
             learner = LearnerCore(model_dir, make_config(workers=world_size, **COMMON, **config),
                                   rank=rank, world_size=world_size)
+            passes = []
+            learner.policy.register_forward_hook(lambda *_, passes=passes: passes.append(1))
             metrics = train(learner, shard_batch(ddp_batch(config), rank, world_size))
+            # every rank runs as many forward passes (a sharded model gathers in each)
+            counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
+            dist.all_gather(counts, torch.tensor([len(passes)]))
+            assert len({int(c) for c in counts}) == 1, (config, counts)
             weights = learner.full_state_dict()  # every rank calls it; rank 0 gets the dict
             assert (weights is None) == (rank != 0)
             if rank == 0:
