@@ -18,6 +18,12 @@ the features) names them differently:
 It has no task-type column, so pass ``default_task_type`` (one type, or a mapping from task name
 to type) when loading it; :meth:`DataColumns.human_behavior_atlas` gives the column mapping.
 Modality columns are read into memory in full, so choose them with the data's size in mind.
+
+Media columns (``DataColumns.images`` / ``videos`` / ``audios``, set by :meth:`DataColumns.hba`)
+are kept as Arrow arrays in :attr:`PromptSet.media`, never as Python objects: each entry is a
+list of raw media bytes or of file references (paths relative to the data directory). A prompt
+is a row index into that table, so the next stage can hand the table to the object store once
+and pass row indices (see docs/omni.md).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 TASK_TYPES = ("classification", "qa")
+MEDIA_KINDS = ("image", "video", "audio")
 _MAX_LISTED = 10  # how many file names an error message lists
 _STATE_VERSION = 1
 
@@ -52,6 +59,21 @@ class DataColumns:
     dataset: str = "dataset"
     task_type: str = "task_type"
     modality: tuple[str, ...] = ()
+    images: str | None = None  # media columns: lists of bytes or of relative paths
+    videos: str | None = None
+    audios: str | None = None
+
+    def media_columns(self) -> dict[str, str]:
+        """Media kind (``image``, ``video``, ``audio``) -> column name, for the columns set."""
+        named = {"image": self.images, "video": self.videos, "audio": self.audios}
+        return {kind: name for kind, name in named.items() if name}
+
+    @classmethod
+    def hba(cls) -> DataColumns:
+        """The Human Behavior Atlas layout with its media as media columns (kept in Arrow) and
+        ``modality_signature`` / ``class_label`` carried as extras."""
+        return cls(prompt="problem", modality=("modality_signature", "class_label"),
+                   images="images", videos="videos", audios="audios")
 
     @classmethod
     def human_behavior_atlas(cls) -> DataColumns:
@@ -128,6 +150,10 @@ class PromptSet:
 
     ``task_codes[i]`` indexes ``task_names`` (sorted) and ``task_types`` (aligned with it).
     ``extras`` holds the modality columns, one list per column, aligned with the rows.
+    ``media`` (when media columns were read) is an Arrow table aligned with the rows: a list
+    column per media kind (``image``, ``video``, ``audio``; binary items or path strings) and
+    ``source_file`` / ``source_row`` (where the row came from, for error messages);
+    ``media_root`` is the directory path references are relative to.
     """
 
     prompts: list[str]
@@ -137,6 +163,8 @@ class PromptSet:
     task_types: tuple[str, ...]
     datasets: list[str]
     extras: dict[str, list] = field(default_factory=dict)
+    media: pa.Table | None = None
+    media_root: Path | None = None
 
     def __post_init__(self) -> None:
         self.task_codes = np.asarray(self.task_codes, dtype=np.int32)
@@ -146,6 +174,8 @@ class PromptSet:
         lengths = {"answers": len(self.answers), "task_codes": self.task_codes.size,
                    "datasets": len(self.datasets)}
         lengths.update({f"extras[{k!r}]": len(v) for k, v in self.extras.items()})
+        if self.media is not None:
+            lengths["media"] = self.media.num_rows
         for name, length in lengths.items():
             if length != n:
                 raise ValueError(f"{name} has {length} entries but there are {n} prompts")
@@ -179,7 +209,55 @@ class PromptSet:
             task_types=self.task_types,
             datasets=[self.datasets[i] for i in rows],
             extras={k: [v[i] for i in rows] for k, v in self.extras.items()},
+            media=None if self.media is None else self.media.take(pa.array(rows)),
+            media_root=self.media_root,
         )
+
+    def media_kinds(self) -> tuple[str, ...]:
+        """The media kinds this set has columns for."""
+        if self.media is None:
+            return ()
+        return tuple(k for k in MEDIA_KINDS if k in self.media.column_names)
+
+    def media_items(self, row: int) -> dict[str, list]:
+        """The media of one row: kind -> list of bytes or reference strings (only this row
+        is converted to Python objects)."""
+        if self.media is None:
+            return {}
+        return {k: self.media.column(k)[row].as_py() or [] for k in self.media_kinds()}
+
+    def where(self, row: int) -> str:
+        """``file, row N`` of a row when known (media sets), else ``row N``."""
+        if self.media is None:
+            return f"row {row}"
+        return (f"{self.media.column('source_file')[row].as_py()}, "
+                f"row {self.media.column('source_row')[row].as_py()}")
+
+    def modalities(self) -> list[str]:
+        """Each row's modality signature, e.g. ``text_image`` or ``text_video_audio``: the
+        ``modality_signature`` extra where given, else from which media lists are non-empty."""
+        n = len(self)
+        derived = ["text"] * n
+        if self.media is not None:
+            counts = {k: pc.fill_null(pc.list_value_length(self.media.column(k)), 0).to_numpy()
+                      for k in self.media_kinds()}
+            parts = np.full(n, "text", dtype=object)
+            for kind in ("image", "video", "audio"):
+                if kind in counts:
+                    parts = np.where(counts[kind] > 0, parts + "_" + kind, parts)
+            derived = parts.tolist()
+        given = self.extras.get("modality_signature")
+        if given is None:
+            return derived
+        return [g if g else d for g, d in zip(given, derived)]
+
+    def modality_counts(self) -> dict[str, dict[str, int]]:
+        """Rows per task and modality signature (tasks with no rows are left out)."""
+        counts: dict[str, dict[str, int]] = {}
+        for code, modality in zip(self.task_codes.tolist(), self.modalities()):
+            per_task = counts.setdefault(self.task_names[code], {})
+            per_task[modality] = per_task.get(modality, 0) + 1
+        return {t: dict(sorted(m.items())) for t, m in sorted(counts.items())}
 
     def task_counts(self) -> dict[str, int]:
         """Number of rows of each task (every task name, zero included)."""
@@ -218,6 +296,7 @@ class _Rows:
     task_types: list[str] = field(default_factory=list)
     extras: dict[str, list] = field(default_factory=dict)
     sources: list[tuple[Path, int]] = field(default_factory=list)
+    media: list[pa.Table] = field(default_factory=list)
 
     def where(self, i: int) -> str:
         file, row = self.sources[i]
@@ -244,7 +323,8 @@ def _read_file(
         raise ValueError(
             f"{file}: missing required column(s) {missing}{hint}; available columns: {available}"
         )
-    optional = [columns.dataset, columns.task_type, *columns.modality]
+    media_columns = columns.media_columns()
+    optional = [columns.dataset, columns.task_type, *columns.modality, *media_columns.values()]
     wanted = list(dict.fromkeys(required + [c for c in optional if c in available]))
     try:
         table = pq.read_table(file, columns=wanted)
@@ -290,6 +370,58 @@ def _read_file(
     rows.datasets.extend(datasets)
     rows.task_types.extend(task_types)
     rows.sources.extend((file, r) for r in range(n))
+    if media_columns:
+        rows.media.append(_media_table(table, media_columns, file, n))
+
+
+def _media_table(table: pa.Table, media_columns: dict[str, str], file: Path, n: int) -> pa.Table:
+    """The media columns of one file as ``list<binary>`` (bytes) or ``list<string>``
+    (references) columns named by kind, plus where each row came from."""
+    out = {}
+    for kind, name in media_columns.items():
+        if name not in table.column_names:
+            out[kind] = pa.nulls(n, pa.list_(pa.binary()))
+            continue
+        column = table.column(name)
+        value_type = column.type
+        if pa.types.is_null(value_type):
+            out[kind] = pa.nulls(n, pa.list_(pa.binary()))
+            continue
+        if not (pa.types.is_list(value_type) or pa.types.is_large_list(value_type)):
+            raise ValueError(f"{file}: media column {name!r} has type {value_type}, expected a "
+                             "list of bytes (raw media) or of strings (paths)")
+        item = value_type.value_type
+        if pa.types.is_binary(item) or pa.types.is_large_binary(item):
+            target = pa.list_(pa.binary())
+        elif pa.types.is_string(item) or pa.types.is_large_string(item):
+            target = pa.list_(pa.string())
+        elif pa.types.is_null(item):
+            target = pa.list_(pa.binary())
+        else:
+            raise ValueError(f"{file}: media column {name!r} holds {item} items, expected bytes "
+                             "(raw media) or strings (paths relative to the data directory)")
+        out[kind] = pc.cast(column, target).combine_chunks()
+    out["source_file"] = pa.array([file.name] * n, pa.string()).dictionary_encode()
+    out["source_row"] = pa.array(np.arange(n, dtype=np.int64))
+    return pa.table(out)
+
+
+def _concat_media(tables: list[pa.Table], path: Path) -> pa.Table:
+    """One table from the files' media tables; a kind's items are bytes or references in
+    every file that has any (files with none take the others' type)."""
+    for kind in MEDIA_KINDS:
+        if kind not in tables[0].column_names:
+            continue
+        used = {str(t.schema.field(kind).type) for t in tables
+                if pc.sum(pc.list_value_length(t.column(kind))).as_py()}
+        if len(used) > 1:
+            raise ValueError(f"media column for {kind}s in {path} holds raw bytes in some files "
+                             "and path references in others; use one kind throughout")
+        target = pa.list_(pa.string()) if used == {"list<item: string>"} else pa.list_(
+            pa.binary())
+        tables = [t.set_column(t.schema.get_field_index(kind), kind,
+                               pc.cast(t.column(kind), target)) for t in tables]
+    return pa.concat_tables(tables)
 
 
 def load_prompts(
@@ -344,6 +476,9 @@ def load_prompts(
 
     names = tuple(sorted(type_of))
     code_of = {name: code for code, name in enumerate(names)}
+    media = None
+    if rows.media:
+        media = _concat_media(rows.media, Path(path)).take(pa.array(np.asarray(keep, np.int64)))
     return PromptSet(
         prompts=[rows.prompts[i] for i in keep],
         answers=[rows.answers[i] for i in keep],
@@ -352,6 +487,9 @@ def load_prompts(
         task_types=tuple(type_of[name][0] for name in names),
         datasets=[rows.datasets[i] for i in keep],
         extras={k: [v[i] for i in keep] for k, v in rows.extras.items()},
+        media=media,
+        media_root=None if media is None else (Path(path) if Path(path).is_dir()
+                                               else Path(path).parent),
     )
 
 

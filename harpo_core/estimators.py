@@ -125,6 +125,8 @@ def _parameters(target: Callable | type) -> tuple[list[str], bool]:
     found = list(inspect.signature(target).parameters.values())
     names, any_keyword = [], False
     for param in found if inspect.isclass(target) else found[1:]:
+        if param.name == "components" and getattr(target, "takes_components", False):
+            continue  # given per step by the caller (the reward's parts), not a parameter
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             any_keyword = True
         elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
@@ -164,10 +166,14 @@ class _StatelessEstimator:
     def __init__(self, name: str, fn: Callable, params: dict, check_output: bool = False):
         self.name, self._fn, self._params = name, fn, params
         self._check_output = check_output
+        # an estimator of several reward components (gdpo) gets them with each batch
+        self.takes_components = bool(getattr(fn, "takes_components", False))
 
-    def compute(self, rewards, group_ids, task_ids=None, *, step=None, task_names=None):
+    def compute(self, rewards, group_ids, task_ids=None, *, step=None, task_names=None,
+                components=None):
         batch = GroupedBatch.build(rewards, group_ids, task_ids, task_names=task_names)
-        advantages = self._fn(batch, **self._params)
+        extra = {"components": components} if self.takes_components else {}
+        advantages = self._fn(batch, **self._params, **extra)
         if self._check_output:  # a user function: hold it to what the registered ones give
             advantages = np.asarray(advantages, dtype=np.float64)
             if advantages.shape != batch.values.shape:
@@ -347,6 +353,7 @@ class Harpo:
         _check_eps(eps)
         _check_ddof(std_ddof)
         self.eps, self.std_ddof = eps, std_ddof
+        self.base = "grpo"
         if modulator is None:
             modulator = HarpoModulator(HarpoConfig(**config))
         elif config:
@@ -365,9 +372,13 @@ class Harpo:
         if step is None:
             raise ValueError("the harpo estimator is stateful: pass step=<training step>")
         batch = GroupedBatch.build(rewards, group_ids, task_ids, task_names=task_names)
-        base = grpo(batch, eps=self.eps, std_ddof=self.std_ddof)
+        base = self.base_advantages(batch)
         result: ModulationResult = modulate(self.modulator, step, batch, base)
         return EstimatorOutput(result.advantages, {"modulation": result})
+
+    def base_advantages(self, batch: GroupedBatch) -> np.ndarray:
+        """The advantages HARPO modulates: GRPO's (``harpo_on`` takes another base)."""
+        return grpo(batch, eps=self.eps, std_ddof=self.std_ddof)
 
     def task_factors(self) -> dict[str, float]:
         """The modulator's current task factors ({} when it does not report them)."""
@@ -386,10 +397,15 @@ class Harpo:
 _HARPO_FIELDS = ["eps", "std_ddof", "modulator"] + [f.name for f in fields(HarpoConfig)]
 
 
-def _harpo_signature():
+def _harpo_signature(first: tuple[str, ...] = ()):
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in _HARPO_FIELDS]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY)
+               for n in (*first, *_HARPO_FIELDS)]
     return inspect.Signature(params)
 
 
 Harpo.__init__.__signature__ = _harpo_signature()
+
+
+# The newer multi-task estimators and HARPO on other bases register themselves here too.
+from harpo_core import estimators_modulated, estimators_multitask  # noqa: E402,F401

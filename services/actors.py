@@ -79,17 +79,18 @@ class ActorSet:
                 resources=dict(config.reward.resources) or None,
             ).remote(config.reward_config(), config.reward.torch_threads)
 
+        self.weight_sync = make_weight_sync(r.weight_sync).configure(config)
         self.pool = RolloutPool(make_worker, make_scorer, workers=r.workers,
                                 scorers=config.reward.scorers, version=version,
                                 max_retries=r.request_retries, on_restart=on_restart,
                                 on_queue_depth=on_queue_depth,
-                                learner_shards=config.learner.workers)
+                                learner_shards=config.learner.workers,
+                                weight_sync=self.weight_sync)
         self.modulator = None  # the modulator actor, when the estimator takes one
         self.estimator = self._make_estimator(run_root, on_restart)
         if estimator_state is not None:
             self.estimator.load_state_dict(estimator_state)
         self.learners = LearnerGroup(config, model_dir, version=version)
-        self.weight_sync = make_weight_sync(r.weight_sync)
 
     def _make_estimator(self, run_root: Path, on_restart) -> Estimator:
         """The configured estimator; one that takes a modulator gets the run's central one."""
@@ -117,7 +118,9 @@ class ActorSet:
         if self.pool.version == version:
             return WeightSyncReport()
         t0 = time.perf_counter()
-        result = self.pool.sync(version, self.weight_sync.publish(self.learners))
+        handle = self.weight_sync.publish(self.learners, len(self.pool.workers))
+        result = self.pool.sync(version, handle)
+        self.weight_sync.collect()  # the learners' side is done too
         return WeightSyncReport(True, time.perf_counter() - t0, dict(result.seconds),
                                 result.failures)
 

@@ -18,9 +18,20 @@ from services.step_record import StepAdvantages
 log = logging.getLogger(__name__)
 
 
+def reward_components(summary: dict[str, np.ndarray], keep: np.ndarray,
+                      format_weight: float) -> dict[str, tuple[np.ndarray, float]]:
+    """The reward's parts and their weights in it (``total = (1 - w) task + w format +
+    overlong``), for an estimator that normalises each part on its own (gdpo)."""
+    return {"task": (summary["reward_task"][keep], 1.0 - format_weight),
+            "format": (summary["reward_format"][keep], format_weight),
+            "overlong": (summary["reward_overlong"][keep], 1.0)}
+
+
 def step_advantages(estimator: Estimator, step: int, summary: dict[str, np.ndarray],
-                    task_names: tuple[str, ...], *, drop_failed_groups: bool) -> StepAdvantages:
-    """Advantages of every rollout of ``summary`` (the scorers' per-rollout numbers)."""
+                    task_names: tuple[str, ...], *, drop_failed_groups: bool,
+                    format_weight: float = 0.2) -> StepAdvantages:
+    """Advantages of every rollout of ``summary`` (the scorers' per-rollout numbers);
+    ``format_weight`` is ``reward.format_weight``, the weights of the reward's parts."""
     keep = np.ones(summary["reward"].size, dtype=bool)
     dropped = 0
     if drop_failed_groups and summary["reward_error"].any():
@@ -31,8 +42,11 @@ def step_advantages(estimator: Estimator, step: int, summary: dict[str, np.ndarr
     values = np.zeros(keep.size)
     if not keep.any():
         return StepAdvantages(values, dropped_groups=dropped)
+    extra = ({"components": reward_components(summary, keep, format_weight)}
+             if getattr(estimator, "takes_components", False) else {})
     out = estimator.compute(summary["reward"][keep], summary["group_id"][keep],
-                            summary["task_code"][keep], step=step, task_names=task_names)
+                            summary["task_code"][keep], step=step, task_names=task_names,
+                            **extra)
     values[keep] = out.advantages
     modulation = out.extras.get("modulation")
     if modulation is None:

@@ -213,9 +213,18 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
     from services.tiny.model import init_tiny
 
     check_init_tiny_out(args.out)
+    if args.omni:
+        from services.tiny.omni_model import init_tiny_omni
 
-    assets = init_tiny(args.out, seed=args.seed, n_train_per_task=args.train_per_task,
-                       n_test_per_task=args.test_per_task)
+        assets = init_tiny_omni(args.out, seed=args.seed,
+                                n_train_per_task=args.train_per_task or 200,
+                                n_test_per_task=args.test_per_task or 50)
+        print(f"model: {assets.model_dir} (Qwen2.5-Omni thinker)\n"
+              f"data:  {assets.data_dir} (HBA format: data.format: hba)")
+        return 0
+
+    assets = init_tiny(args.out, seed=args.seed, n_train_per_task=args.train_per_task or 2000,
+                       n_test_per_task=args.test_per_task or 100)
     print(f"model: {assets.model_dir}\ndata:  {assets.data_dir}")
     return 0
 
@@ -288,10 +297,13 @@ def _add_local_commands(sub) -> None:
     p = sub.add_parser("init-tiny", help="build a tiny Qwen2 model and the synthetic task suite")
     p.add_argument("out", help="output directory (model/ and data/ go inside)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
-    p.add_argument("--train-per-task", type=positive_int, default=2000,
-                   help="train prompts per task")
-    p.add_argument("--test-per-task", type=positive_int, default=100,
-                   help="test prompts per task")
+    p.add_argument("--train-per-task", type=positive_int, default=None,
+                   help="train prompts per task (default 2000; 200 with --omni)")
+    p.add_argument("--test-per-task", type=positive_int, default=None,
+                   help="test prompts per task (default 100; 50 with --omni)")
+    p.add_argument("--omni", action="store_true",
+                   help="a tiny Qwen2.5-Omni thinker and the image/audio/video suite (HBA "
+                        "format) instead of the text model and suite")
     p.set_defaults(fn=_cmd_init_tiny)
 
     p = sub.add_parser("sft", help="supervised warm start on a suite's train split")
@@ -366,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_eval)
 
     _add_local_commands(sub)
+    from services.compare import add_parser as add_compare
+
+    add_compare(sub, _override)
 
     from services.control.cli import add_parsers  # status, modulator, scale, ..., stop
 

@@ -64,6 +64,29 @@ class DataSection(Section):
     task_column: str = "task"
     dataset_column: str = "dataset"
     task_type_column: str = "task_type"
+    # --- media (issue 17): the Human Behavior Atlas layout and bounds on decoded media
+    # "hba": problem/answer/task/dataset/class_label/images/videos/audios/modality_signature
+    # (a *_column set explicitly still wins); "columns": the *_column names above, text only.
+    format: Literal["columns", "hba"] = "columns"
+    # task -> type where the data has no task_type column (HBA has none): default all
+    # "classification" for hba.
+    task_types: dict[str, str] | None = None
+    on_bad_media: Literal["raise", "skip"] = "raise"  # skip: drop the prompt, count per task
+    max_image_pixels: PositiveInt = 64 * 28 * 28  # larger images (and frames) are shrunk
+    audio_sample_rate: PositiveInt = 16_000  # the processor's rate; audio is resampled to it
+    min_audio_sample_rate: PositiveInt = 8_000  # lower-rate recordings are refused
+    max_audio_seconds: Annotated[float, Field(gt=0.0)] = 30.0  # longer clips are bad media
+    max_video_seconds: Annotated[float, Field(gt=0.0)] = 60.0
+    max_video_frames: PositiveInt = 16  # frames sampled per video at video_fps
+    video_fps: Annotated[float, Field(gt=0.0)] = 2.0
+    media_cache_mb: PositiveInt = 256  # LRU of decoded media, keyed by content hash
+
+    @model_validator(mode="after")
+    def _media_rates(self):
+        if self.min_audio_sample_rate > self.audio_sample_rate:
+            raise ValueError(f"min_audio_sample_rate ({self.min_audio_sample_rate}) must not "
+                             f"exceed audio_sample_rate ({self.audio_sample_rate})")
+        return self
 
     @model_validator(mode="after")
     def _eval_sampling(self):
@@ -83,6 +106,15 @@ class VLLMSection(Section):
     max_model_len: PositiveInt | None = None  # None: max_prompt_tokens + max_new_tokens
     enforce_eager: bool = True
     compile_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for the engine
+
+
+class CollectiveSection(Section):
+    """Settings of the ``collective`` weight sync (``rollout.weight_sync: collective``)."""
+
+    bucket_mb: Annotated[float, Field(gt=0.0)] = 64.0  # broadcast bucket size, per dtype
+    # longest wait for the group's members (a check-in, a stalled broadcast); a dead member
+    # stops the others sooner (see services/weight_sync/collective.py)
+    timeout_s: Annotated[float, Field(gt=0.0)] = 300.0
 
 
 class AutoscaleSection(Section):
@@ -136,6 +168,7 @@ class RolloutSection(Section):
     vllm: VLLMSection = Field(default_factory=VLLMSection)
     # How new weights reach the workers (a module of services/weight_sync).
     weight_sync: Annotated[str, AfterValidator(WEIGHT_SYNCS.check)] = "object_store"
+    collective: CollectiveSection = Field(default_factory=CollectiveSection)
 
 
 

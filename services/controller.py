@@ -175,7 +175,8 @@ class Trainer:
         with timer("modulate_s"):
             advantages = step_advantages(
                 self.actors.estimator, step, rollouts.summary, self.train_set.task_names,
-                drop_failed_groups=cfg.reward.on_error == "drop_group")
+                drop_failed_groups=cfg.reward.on_error == "drop_group",
+                format_weight=cfg.reward.format_weight)
         with timer("learn_s"):  # each rank fetches its shard; advantages keyed by rollout id
             learner = self.actors.learners.update(
                 step, rollouts.shards, advantages.keyed(rollouts.summary["rollout_id"]),

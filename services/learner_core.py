@@ -125,13 +125,14 @@ class LearnerCore:
         self.world_size = world_size
         self.device = torch.device(device)
         self.strategy = make_strategy(learner.strategy, rank=rank, world_size=world_size,
-                                      device=self.device)
+                                      device=self.device, dtype=learner.dtype,
+                                      activation_checkpointing=learner.activation_checkpointing)
 
         torch.manual_seed(config.run.seed)
         self.model = self._load_model(model_dir)
-        self.ref_model = None
-        if self.loss.kl_coef > 0:
-            self.ref_model = self._load_model(model_dir).requires_grad_(False)
+        self.ref_model = None  # kl_coef = 0: no reference model at all
+        if self.loss.kl_coef > 0:  # placed (sharded) like the policy, no optimizer
+            self.ref_model = self.strategy.wrap_reference(self._load_model(model_dir))
         attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
         if self.shared_prompt and attention not in ("eager", "sdpa"):
             raise ValueError(
@@ -149,8 +150,8 @@ class LearnerCore:
         self.optimizer, self.scheduler = make_optimizer(self.model, config)
 
     def _load_model(self, model_dir):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        return model.to(self.device).eval()
+        """fp32 on CPU: the strategy moves (or shards) it onto the device."""
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     # ----------------------------------------------------------------- log-probs
 
@@ -309,7 +310,7 @@ class LearnerCore:
         if check_mismatch:
             self._check_mismatch(totals["mismatch"].stats)
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        grad_norm = self.strategy.clip_grad_norm(self.model, self.max_grad_norm)
         totals["steps"] += 1
         totals["grad_norm"] += grad_norm.item()
         totals["lr"] += self.optimizer.param_groups[0]["lr"]
@@ -391,14 +392,17 @@ class LearnerCore:
 
     # ------------------------------------------------------------ checkpointing
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The policy weights as a CPU state dict (unwrapped names) on rank 0, e.g. for the
-        rollout workers; call it on every rank (a sharded strategy gathers), others get None."""
-        return self.strategy.full_state_dict(self.model)
+    def full_state_dict(self, dtype: torch.dtype | None = None
+                        ) -> dict[str, torch.Tensor] | None:
+        """The policy weights as a CPU state dict (HF names) on rank 0, cast to ``dtype`` when
+        given (the rollout dtype), e.g. for the rollout workers; call it on every rank (a
+        sharded strategy gathers collectively), others get None."""
+        return self.strategy.full_state_dict(self.model, dtype)
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """A CPU copy of this rank's policy weights (unwrapped names), all ranks alike under
-        ``ddp``; :meth:`full_state_dict` is the strategy-neutral way to publish them."""
+        ``ddp`` (under ``fsdp2`` this rank's shards); :meth:`full_state_dict` is the
+        strategy-neutral way to publish them."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def save(self, directory: str | Path) -> None:

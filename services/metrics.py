@@ -78,8 +78,10 @@ _TASK_GAUGES = {
     "format": ("harpo_task_format_rate", "Mean format reward of the task's rollouts"),
     "advantage_abs_mean": ("harpo_task_advantage_abs_mean",
                            "Mean |modulated advantage| of the task's rollouts"),
-    # the one per-task number that is 0, not "last seen", for a task absent from the batch
+    # the per-task numbers that are 0, not "last seen", for a task absent from the batch
     "batch_share": ("harpo_task_batch_share", "Share of the batch's rollouts from the task"),
+    "signal_share": ("harpo_task_signal_share",
+                     "Task's share of the batch's policy-gradient signal (sum |A|)"),
 }
 
 
@@ -238,6 +240,8 @@ class MetricsExporter:
         batch = set(row.get("batch_share") or {})
         for task in self._tasks_seen - batch:
             self._task_gauges["batch_share"].labels(job, task).set(0.0)
+            if "signal_share" in row:
+                self._task_gauges["signal_share"].labels(job, task).set(0.0)
         for task in batch:
             self._task_last_step.labels(job, task).set(step)
         self._tasks_seen |= present

@@ -44,6 +44,10 @@ def check_prompt_lengths(token_ids: list[list[int]], limit: int, split: str) -> 
 
 def load_split(config: TrainConfig, split: str) -> PromptSet:
     d = config.data
+    if d.format == "hba":
+        from services.media_data import load_media_split
+
+        return load_media_split(config, split).prompts
     columns = DataColumns(prompt=d.prompt_column, answer=d.answer_column, task=d.task_column,
                           dataset=d.dataset_column, task_type=d.task_type_column)
     allowed = ("classification", "qa", *config.reward.custom)

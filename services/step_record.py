@@ -99,6 +99,17 @@ def per_task_means(codes: np.ndarray, values: np.ndarray, names: tuple[str, ...]
     return {n: float(s / c) for n, s, c in zip(names, sums, count) if c}
 
 
+def signal_share(codes: np.ndarray, advantages: np.ndarray, names: tuple[str, ...]
+                 ) -> dict[str, float]:
+    """Each task's share of the policy-gradient signal: ``Σ|A|`` over its rollouts ÷ ``Σ|A|``
+    over the batch (tasks in the batch; all 0 when no rollout has an advantage)."""
+    count = np.bincount(codes, minlength=len(names))
+    sums = np.bincount(codes, weights=np.abs(advantages), minlength=len(names))
+    total = float(sums.sum())
+    return {n: (float(s) / total if total > 0 else 0.0)
+            for n, s, c in zip(names, sums, count) if c}
+
+
 def prompt_digest(prompt_index: np.ndarray) -> str:
     """Which prompts, in order: equal digests mean the same samples were trained on."""
     return hashlib.blake2b(prompt_index.astype(np.int64).tobytes(), digest_size=8).hexdigest()
@@ -132,6 +143,7 @@ def metrics_row(record: StepRecord) -> dict:
         "dropped_groups": advantages.dropped_groups,
         "batch_share": {k: v for k, v in zip(names, (count / n).tolist()) if v > 0},
         "advantage_abs_mean": per_task(np.abs(advantages.values)),
+        "signal_share": signal_share(codes, advantages.values, names),
         "response_length": float(summary["response_length"].mean()),
         "stop_fraction": float(summary["stopped"].mean()),
         "rollouts_per_s": n / step_s,

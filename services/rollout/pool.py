@@ -8,7 +8,9 @@ learner rank (``learner_shards``); the step's shards are handed on by rank, for 
 fetch its own (``LearnerGroup.update``).
 
 Weights: :meth:`RolloutPool.sync` gives every worker a weight-sync handle
-(:mod:`services.weight_sync`) and keeps it, so a worker started later loads the same version.
+(:mod:`services.weight_sync`) and keeps it, so a worker started later loads the same version
+(through a handle the run's weight sync re-issues for it: a collective broadcast cannot be
+received twice).
 
 Failures: when a request's scored summary cannot be fetched, the pool asks which actor died
 (a dead actor answers a ping with an error at once), replaces it — a new rollout worker loads
@@ -35,7 +37,7 @@ from ray.exceptions import RayActorError
 
 from services.rollout.backend import SamplingParams
 from services.rollout.worker import RolloutRequest
-from services.weight_sync import WeightHandle
+from services.weight_sync import WeightHandle, WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,10 @@ class RolloutPool:
                  scorers: int, version: int, max_retries: int = 3,
                  on_restart: Callable[[str], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None,
-                 learner_shards: int = 1):
+                 learner_shards: int = 1, weight_sync: WeightSync | None = None):
         self._make_worker, self._make_scorer = make_worker, make_scorer
+        # the driver's weight sync: re-issues handles to newcomers (None: handles are reusable)
+        self._weight_sync = weight_sync or WeightSync()
         self.version = version
         self.weights: WeightHandle | None = None  # the current version's (None: model_dir's)
         if learner_shards < 1:
@@ -109,8 +113,8 @@ class RolloutPool:
         members = [self._new(role) for _ in range(count)]
         if role == "rollout":
             if self.weights is not None:
-                ray.get([m.actor.set_weights.remote(self.version, self.weights)
-                         for m in members])
+                handle = self._weight_sync.reissue(self.weights, len(members))
+                ray.get([m.actor.set_weights.remote(self.version, handle) for m in members])
             ray.get([m.actor.ready.remote() for m in members])
             self.workers.extend(members)
         else:
@@ -143,7 +147,8 @@ class RolloutPool:
         ray.kill(member.actor)
         fresh = self._new(role)
         if role == "rollout" and self.weights is not None:
-            ray.get(fresh.actor.set_weights.remote(self.version, self.weights))
+            handle = self._weight_sync.reissue(self.weights, 1)
+            ray.get(fresh.actor.set_weights.remote(self.version, handle))
         ray.get(fresh.actor.ready.remote())
         members[index] = fresh
         self._on_restart(role)
@@ -160,22 +165,59 @@ class RolloutPool:
     # ------------------------------------------------------------------ weights
 
     def sync(self, version: int, weights: WeightHandle) -> SyncResult:
-        """Every worker loads ``weights`` (a weight-sync handle) as ``version``.
+        """Every worker loads ``weights`` (a weight-sync handle for all of them) as ``version``.
 
         A worker that dies while loading is replaced; the replacement loads the same weights
-        before it joins, so the pool serves one version only when this returns.
+        before it joins, so the pool serves one version only when this returns. When one dies,
+        the handle is aborted (a collective transport's other members stop waiting for it) and
+        the survivors whose load failed with it are given a re-issued handle, up to
+        ``max_retries`` times: every worker loads the version exactly once. A load that fails
+        while no worker died is an error, raised.
         """
         self.version, self.weights = version, weights
-        members = list(self.workers)
-        refs = [m.actor.set_weights.remote(version, weights) for m in members]
         result = SyncResult()
-        for member, ref in zip(members, refs):
+        members, handle = list(self.workers), weights
+        for _ in range(self.max_retries + 1):
+            failed, died = self._load(members, version, handle, result)
+            if not failed:
+                return result
+            if not died:
+                raise failed[0][1]
+            log.warning("%d rollout workers lost the weight sync with a dead one; re-issuing",
+                        len(failed))
+            members = [member for member, _ in failed]
+            handle = self._weight_sync.reissue(weights, len(members))
+        raise RolloutFailure(f"the weight sync of version {version} failed "
+                             f"{self.max_retries + 1} times; giving up") from failed[0][1]
+
+    def _load(self, members: list[_Member], version: int, handle: WeightHandle,
+              result: SyncResult) -> tuple[list, bool]:
+        """One round of ``set_weights`` on ``members``; the dead are replaced. Returns the
+        survivors whose load failed (with the error) and whether any member died."""
+        refs = {m.actor.set_weights.remote(version, handle): m for m in members}
+        failed, died = [], False
+        waiting = list(refs)
+        while waiting:  # as they come: a death aborts the others' wait at once
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            member = refs[ready[0]]
             try:
-                result.seconds[member.name] = ray.get(ref)
+                result.seconds[member.name] = ray.get(ready[0])
             except RayActorError:
+                if not died:
+                    self._weight_sync.abort(handle)
+                died = True
                 result.failures += 1
                 self._replace("rollout", member)
-        return result
+            except Exception as exc:  # noqa: BLE001 - judged below: collateral or a bug
+                failed.append((member, exc))
+        if failed and not died:  # a death the survivors noticed before Ray reported it
+            for member, _ in list(failed):
+                if not self._alive(member):
+                    died = True
+                    failed = [(m, e) for m, e in failed if m is not member]
+                    result.failures += 1
+                    self._replace("rollout", member)
+        return failed, died
 
     # ------------------------------------------------------------------ one step
 

@@ -167,6 +167,7 @@ class VLLMBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self.weight_names, self.tied = _expected_weights(self.model_dir)
+        self.tensor_parallel_size = int(options.get("tensor_parallel_size", 1))
         self.llm = vllm.LLM(**_engine_kwargs(self.model_dir, options, on_gpu))
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             _QuietReload())
@@ -189,16 +190,42 @@ class VLLMBackend:
         embedding tensor, so it must be sent too (it is filled in here when missing).
         """
         weights = dict(state_dict)
-        if self.tied and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        if self._needs_head(weights.keys()):
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        self._check_names(weights.keys())
+        self._reload(list(weights.items()))
+
+    def load_weight_stream(self, names: list[str], weights) -> None:
+        """:meth:`load_weights` for tensors that arrive one by one (``weights``: an iterator
+        of ``(name, tensor)`` in any order, e.g. a collective weight sync's buckets as they
+        are received): the names are checked first, then each tensor goes into
+        ``reload_weights`` as it comes, without a whole state dict in memory. An in-process
+        engine only (the default); a tensor-parallel engine takes the stream collected."""
+        head = self._needs_head(names)
+        self._check_names({*names, *(["lm_head.weight"] if head else [])})
+
+        def stream():
+            for name, tensor in weights:
+                yield name, tensor
+                if head and name == "model.embed_tokens.weight":
+                    yield "lm_head.weight", tensor
+
+        self._reload(stream() if self.tensor_parallel_size == 1 else list(stream()))
+
+    def _needs_head(self, names) -> bool:
+        return self.tied and "lm_head.weight" not in names and \
+            "model.embed_tokens.weight" in names
+
+    def _check_names(self, names) -> None:
         allowed = self.weight_names | ({"lm_head.weight"} if self.tied else set())
-        missing = sorted(self.weight_names - weights.keys())
-        unexpected = sorted(weights.keys() - allowed)
+        missing = sorted(self.weight_names - set(names))
+        unexpected = sorted(set(names) - allowed)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_iterator": list(weights.items())})
+
+    def _reload(self, weights) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update "
                                "(requests still running?); cached KV would be stale")

@@ -16,6 +16,8 @@ from services.rollout.backend import Generation, SamplingParams
 from services.rollout.registry import make_backend
 from services.weight_sync import WeightHandle, make_weight_sync
 
+TORN = -1  # the version of a worker whose weights a failed streaming load left half-updated
+
 
 class StalePolicyError(RuntimeError):
     """A worker was asked to serve a policy version it does not hold."""
@@ -100,16 +102,26 @@ class RolloutWorker:
         self.backend = make_backend(backend, model_dir, options or {})
         self._weight_sync = make_weight_sync(weight_sync)  # rollout.weight_sync
         self.version = initial_version
+        self.loads = 0  # weight versions loaded
 
     def ready(self) -> dict:
-        return {"name": self.name, "version": self.version, "pid": os.getpid()}
+        return {"name": self.name, "version": self.version, "pid": os.getpid(),
+                "loads": self.loads}
 
     def set_weights(self, version: int, handle: WeightHandle) -> float:
         """Receive a policy version through the weight sync and load it; returns the seconds
         it took (receiving included)."""
         t0 = time.perf_counter()
-        self.backend.load_weights(self._weight_sync.receive(handle))
+        load_stream = getattr(self.backend, "load_weight_stream", None)
+        stream = self._weight_sync.receive_stream(handle) if load_stream else None
+        if stream is not None:
+            # a stream broken part-way leaves some layers new: serve nothing until a full load
+            self.version = TORN
+            load_stream(*stream)
+        else:
+            self.backend.load_weights(self._weight_sync.receive(handle))
         self.version = version
+        self.loads += 1
         return time.perf_counter() - t0
 
     def generate(self, request: RolloutRequest, params: SamplingParams | None = None

@@ -2,7 +2,7 @@
 
 One transport, three sides, one call each::
 
-    driver:         handle = weight_sync.publish(learner_group)    # after an update
+    driver:         handle = weight_sync.publish(learner_group, receivers)  # after an update
                     pool.sync(version, handle)                      # every rollout worker loads
     learner rank:   WeightSync.send(core, *args)                    # run by publish on all ranks
     rollout worker: state_dict = WeightSync.receive(handle)         # in RolloutWorker.set_weights
@@ -12,7 +12,10 @@ rank as an actor task and returns at once) and returns a small picklable :class:
 the workers' :meth:`receive` may run while the learners still send, so a collective transport
 (a torch.distributed group of learners and workers) broadcasts from the learners' tasks while
 the workers receive. The pool keeps the last handle and gives it to every worker it starts
-later, so a handle must stay receivable until the next one replaces it.
+later through :meth:`WeightSync.reissue`: a handle that can be received again (an object ref)
+reissues itself; a collective one, whose broadcast is over once received, makes a new group for
+the newcomers. When a worker dies during a sync the pool calls :meth:`WeightSync.abort` on the
+handle (members still waiting for it stop) and re-issues to the survivors that did not load.
 
 A transport named ``X`` lives in ``services/weight_sync/X.py`` and registers its class with
 ``@register_weight_sync("X")``; :func:`available_weight_syncs` lists the files without
@@ -27,8 +30,11 @@ from typing import TYPE_CHECKING, Any
 from services.plugins import Plugins
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
+    from services.config import TrainConfig
     from services.learner import LearnerGroup
     from services.learner_core import LearnerCore
 
@@ -52,14 +58,33 @@ def make_weight_sync(name: str) -> WeightSync:
 
 
 class WeightSync:
-    """A weight transport. Instances are cheap and stateless between calls: the driver, every
-    learner rank and every rollout worker each build their own with :func:`make_weight_sync`."""
+    """A weight transport. Every learner rank and every rollout worker build their own with
+    :func:`make_weight_sync` for each call; the driver keeps one per run (configured with
+    :meth:`configure`), which may hold state between calls (e.g. a rendezvous store)."""
 
     name: str = ""
 
-    def publish(self, learners: LearnerGroup) -> WeightHandle:
-        """Driver: start publishing the learners' current weights; return at once."""
+    def configure(self, config: TrainConfig) -> WeightSync:
+        """Driver: take this transport's settings from the run configuration."""
+        return self
+
+    def publish(self, learners: LearnerGroup, receivers: int = 1) -> WeightHandle:
+        """Driver: start publishing the learners' current weights to ``receivers`` rollout
+        workers; return at once."""
         raise NotImplementedError
+
+    def reissue(self, handle: WeightHandle, receivers: int) -> WeightHandle:
+        """Driver: a handle that gives ``receivers`` more workers the weights of ``handle``
+        (workers that join or restart after it was received)."""
+        return handle
+
+    def abort(self, handle: WeightHandle) -> None:
+        """Driver: a receiver of ``handle`` died; let the others stop waiting for it."""
+
+    def collect(self) -> list[dict]:
+        """Driver: wait for the learner side of what was published so far; returns what
+        each send reported (transport-specific figures, e.g. seconds per phase)."""
+        return []
 
     def send(self, core: LearnerCore, *args) -> Any:
         """Learner rank (inside its actor, on every rank): this rank's part of publishing."""
@@ -68,6 +93,12 @@ class WeightSync:
     def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
         """Rollout worker: the full state dict the handle stands for."""
         raise NotImplementedError
+
+    def receive_stream(self, handle: WeightHandle
+                       ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor]]] | None:
+        """Rollout worker: the tensor names, then ``(name, tensor)`` pairs as they arrive, for
+        a backend that loads a stream; None: this transport hands over whole state dicts."""
+        return None
 
     def _check(self, handle: WeightHandle) -> None:
         if handle.transport != self.name:

@@ -1,7 +1,8 @@
 """``object_store``: rank 0's CPU state dict goes through Ray's object store.
 
 Every learner rank runs :meth:`send` (a sharded strategy gathers there); rank 0's return value,
-the full state dict, becomes an object that every rollout worker fetches.
+the full state dict, becomes an object that every rollout worker fetches, as often as asked
+(so a handle re-issues itself).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from services.weight_sync import WeightHandle, WeightSync, register_weight_sync
 
 @register_weight_sync("object_store")
 class ObjectStoreSync(WeightSync):
-    def publish(self, learners):
+    def publish(self, learners, receivers=1):
         return self.handle(learners.send_weights(self.name)[0])
 
     def send(self, core):

@@ -259,8 +259,9 @@ def test_estimator_parameters_lists_what_make_estimator_accepts():
     (f"{USER}:",
      f"estimator spec '{USER}:' has an empty function part; expected "
      "'package.module:function'"),
-    ("ppo", "unknown estimator 'ppo'; available: ['dr_grpo', 'ema_grpo', 'gpg', 'grpo', "
-            "'harpo', 'reinforce_pp_baseline', 'rloo'] (or a user estimator as "
+    ("ppo", "unknown estimator 'ppo'; available: ['dr_grpo', 'ema_grpo', 'g2rpo', 'gdpo', "
+            "'gpg', 'grpo', 'harpo', 'harpo_on', 'mt_grpo', 'reinforce_pp_baseline', 'rloo'] "
+            "(or a user estimator as "
             "'package.module:function')"),
 ])
 def test_bad_estimator_specs_say_what_is_wrong(spec, message):

@@ -324,7 +324,7 @@ def test_scheduler_drives_the_optimizer_lr_once_per_update(model_dir):
         (config_data(logprob_mismatch_tolerance=0.0),
          r"learner.logprob_mismatch_tolerance: Input should be greater than 0"),
         (config_data(strategy="fsdp"),
-         r"learner.strategy: unknown learner strategy 'fsdp'; available: \['ddp'\]"),
+         r"learner.strategy: unknown learner strategy 'fsdp'; available: \['ddp', 'fsdp2'\]"),
         ({**config_data(workers=2, mini_batch_prompts=1), "rollout": {"group_size": 3}},
          r"learner.workers \(2\) must divide the sequences of a mini-batch .* = 3\)"),
     ],
@@ -358,8 +358,9 @@ def test_bad_runtime_arguments_are_rejected(model_dir, kwargs, message):
 
 
 def test_strategies_are_a_registry():
-    assert available_strategies() == ["ddp"]
-    with pytest.raises(ValueError, match=r"unknown learner strategy 'fsdp'; available: \['ddp'\]"):
+    assert available_strategies() == ["ddp", "fsdp2"]
+    with pytest.raises(ValueError,
+                       match=r"unknown learner strategy 'fsdp'; available: \['ddp', 'fsdp2'\]"):
         make_strategy("fsdp", rank=0, world_size=1, device=torch.device("cpu"))
     single = make_strategy("ddp", rank=0, world_size=1, device=torch.device("cpu"))
     model = torch.nn.Linear(2, 2)

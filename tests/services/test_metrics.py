@@ -39,6 +39,7 @@ TASK_FIELDS = {
     "accuracy": "harpo_task_accuracy",
     "format": "harpo_task_format_rate",
     "batch_share": "harpo_task_batch_share",
+    "signal_share": "harpo_task_signal_share",
     "advantage_abs_mean": "harpo_task_advantage_abs_mean",
 }
 JOB_FIELDS = {
