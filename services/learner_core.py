@@ -130,21 +130,21 @@ class LearnerCore:
 
         torch.manual_seed(config.run.seed)
         self.model = self._load_model(model_dir)
-        self.ref_model = None  # kl_coef = 0: no reference model at all
+        forward = dict(temperature=self.temperature, chunk_tokens=learner.logprob_chunk_tokens,
+                       shared_prompt=self.shared_prompt)
+        self.ref_model = self.ref_policy = None  # kl_coef = 0: no reference model at all
         if self.loss.kl_coef > 0:  # placed (sharded) like the policy, no optimizer
-            self.ref_model = self.strategy.wrap_reference(self._load_model(model_dir))
+            self.ref_model = self._load_model(model_dir)
+            self.ref_policy = self.strategy.wrap_reference(PolicyLogprobs(self.ref_model,
+                                                                          **forward))
         attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
         if self.shared_prompt and attention not in ("eager", "sdpa"):
             raise ValueError(
                 f"shared-prompt forward passes need eager or sdpa attention (a 4D mask); this "
                 f"model uses {attention!r}: set learner.shared_prompt_forward: false")
-        forward = dict(temperature=self.temperature, chunk_tokens=learner.logprob_chunk_tokens,
-                       shared_prompt=self.shared_prompt)
         # One module computes the log-probs from the ids: it is what the strategy wraps (a
         # sharded root gathers the head inside its forward); .model keeps the HF names.
         self.policy = PolicyLogprobs(self.model, **forward)
-        self.ref_policy = None if self.ref_model is None else PolicyLogprobs(self.ref_model,
-                                                                             **forward)
         self.token_stats = TOKEN_STATS + (TIS_STATS if self.loss.tis_cap is not None else ())
         self.train_model = self.strategy.wrap(self.policy)
         self.optimizer, self.scheduler = make_optimizer(self.model, config)

@@ -91,9 +91,20 @@ class PolicyLogprobs(torch.nn.Module):
     # ------------------------------------------------------------- chunked head
 
     def _head(self, hidden, targets):
+        """The chunked head, run as ``lm_head``'s own forward: a head sharded as a group of its
+        own (FSDP2, untied embeddings) is gathered around that call and again before its
+        backward, and its gradient reduce-scattered after, exactly as for ``lm_head(hidden)``."""
         head = self.model.get_output_embeddings()
-        return chunked_logprobs(hidden, head.weight, head.bias, targets,
-                                temperature=self.temperature, chunk_tokens=self.chunk_tokens)
+
+        def chunked(hidden, targets):
+            return chunked_logprobs(hidden, head.weight, head.bias, targets,
+                                    temperature=self.temperature, chunk_tokens=self.chunk_tokens)
+
+        head.forward = chunked  # this instance only, for this call
+        try:
+            return head(hidden, targets)
+        finally:
+            del head.forward  # back to the class's forward
 
     def _hidden(self, input_ids, attention_mask):
         return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
