@@ -217,7 +217,7 @@ class LearnerSection(Section):
     # only, the update is the same); null: the rank's whole share of a mini-batch at once.
     micro_batch_size: PositiveInt | None = None
     # Sequences per micro-batch are also bounded by their padded token count (prompt +
-    # response, per rank); null: only micro_batch_size bounds them.
+    # response, per rank; a longer row goes alone); null: only micro_batch_size bounds them.
     micro_batch_tokens: PositiveInt | None = None
     ppo_epochs: PositiveInt = 1
     # Parameter dtype of the training forward/backward (reductions and optimizer state stay
@@ -229,7 +229,7 @@ class LearnerSection(Section):
     # null: the whole micro-batch's logits at once.
     logprob_chunk_tokens: PositiveInt | None = None
     # Truncated importance sampling: weight each token's loss by min(pi_learner / pi_rollout,
-    # tis_cap) to correct the rollout/learner gap; null: off.
+    # tis_cap) to correct the rollout/learner gap (harpo_core.losses.policy_loss); null: off.
     tis_cap: Annotated[float, Field(ge=1.0)] | None = None
     # The policy loss (harpo_core.loss_config.LossConfig); kl_coef > 0 loads a reference model.
     clip_low: Annotated[float, Field(ge=0.0, lt=1.0)] = _LOSS.clip_low
@@ -237,7 +237,10 @@ class LearnerSection(Section):
     aggregation: Literal[AGGREGATIONS] = _LOSS.aggregation
     kl_coef: Annotated[float, Field(ge=0.0)] = _LOSS.kl_coef
     kl_estimator: Literal[KL_ESTIMATORS] = _LOSS.kl_estimator
-    logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] = 1e-3
+    # The update stops when the rollouts' log-probs are not the learner's; null: by dtype
+    # (float32 both sides: max gap 1e-3; bf16/fp16: p99 1.0/0.2, harpo_core.mismatch). A
+    # number replaces that threshold.
+    logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] | None = None
     # One packed forward pass per GRPO group (its prompt computed once); needs an attention
     # backend that takes a 4D mask (eager, SDPA). false: every response runs on its own.
     shared_prompt_forward: bool = True
@@ -255,7 +258,7 @@ class LearnerSection(Section):
     def loss_config(self) -> LossConfig:
         return LossConfig(clip_low=self.clip_low, clip_high=self.clip_high,
                           aggregation=self.aggregation, kl_coef=self.kl_coef,
-                          kl_estimator=self.kl_estimator)
+                          kl_estimator=self.kl_estimator, tis_cap=self.tis_cap)
 
 
 Port = Annotated[int, Field(ge=0, le=65535)]

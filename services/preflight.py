@@ -193,10 +193,17 @@ def estimate_memory(config: TrainConfig, model_config: dict) -> dict[str, int]:
     # KV cache of every sequence plus one row of logits per sequence, float32
     rollout = rollout_seqs * (tokens * 2 * layers * hidden + vocab) * 4
     micro = lr.micro_batch_size or lr.mini_batch_prompts * r.group_size // lr.workers
-    # logits, their log-softmax and its gradient, plus activations, float32
-    learner = micro * tokens * (3 * vocab + 4 * layers * hidden) * 4
+    # a token budget caps a pass's padded tokens, but a longer row still goes whole
+    pass_tokens = micro * tokens
+    if lr.micro_batch_tokens is not None:
+        pass_tokens = min(pass_tokens, max(lr.micro_batch_tokens, tokens))
+    # logits, their log-softmax and its gradient (of one chunk when chunked), plus
+    # activations, float32
+    logit_tokens = min(pass_tokens, lr.logprob_chunk_tokens or pass_tokens)
+    learner = (logit_tokens * 3 * vocab + pass_tokens * 4 * layers * hidden) * 4
     return {"rollout_request": rollout, "learner_pass": learner,
-            "rollout_sequences": rollout_seqs, "learner_sequences": micro}
+            "rollout_sequences": rollout_seqs, "learner_sequences": micro,
+            "learner_pass_tokens": pass_tokens}
 
 
 def _gib(n: float) -> str:
@@ -227,7 +234,8 @@ def check_sizes(config: TrainConfig, model_config: dict, memory: int | None = No
             f"{_gib(estimate['learner_pass'])}, more than this machine's {_gib(memory)}: "
             f"{estimate['learner_sequences']} sequences (learner.micro_batch_size, or "
             f"learner.mini_batch_prompts × rollout.group_size / learner.workers) × {tokens} "
-            f"tokens; set learner.micro_batch_size or lower rollout.group_size")
+            f"tokens; set learner.micro_batch_size or learner.micro_batch_tokens (and "
+            f"learner.logprob_chunk_tokens for the logits), or lower rollout.group_size")
     return estimate
 
 
