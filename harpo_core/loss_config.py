@@ -17,7 +17,8 @@ class LossConfig:
 
     The single source of these defaults: the run configuration's ``learner`` section takes its
     own from here and validates through this class. ``kl_coef > 0`` needs reference log-probs
-    (a frozen reference model).
+    (a frozen reference model); ``tis_cap`` needs the rollouts' own log-probs besides the
+    learner's.
     """
 
     clip_low: float = 0.2
@@ -25,6 +26,7 @@ class LossConfig:
     aggregation: str = "seq-mean-token-mean"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    tis_cap: float | None = None  # truncated importance sampling (policy_loss); None: off
 
     def __post_init__(self):
         checks = [
@@ -33,6 +35,7 @@ class LossConfig:
             ("aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
             ("kl_coef", self.kl_coef >= 0, ">= 0"),
             ("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}"),
+            ("tis_cap", self.tis_cap is None or self.tis_cap >= 1, ">= 1 or None"),
         ]
         for name, ok, allowed in checks:
             if not ok:

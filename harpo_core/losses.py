@@ -111,14 +111,41 @@ def policy_loss(
     clip_high: float = 0.28,
     aggregation: str = "seq-mean-token-mean",
     normalizer: float | torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus ``kl_coef`` times the KL penalty, aggregated the same way.
 
     When ``ref_logprobs`` is given, stats gain ``kl``: the token mean of the KL estimate.
+
+    **Truncated importance sampling** (``tis_cap``; Yao et al. 2025, "Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training", as in verl's rollout importance
+    sampling). The rollout engine samples from ``pi_rollout`` (its own kernels, often bf16)
+    while the gradient is that of the learner's ``pi_learner``; the two differ even with the
+    same weights, so the samples are slightly off-policy. Then ``old_logprobs`` are the
+    *learner's* log-probs of the tokens before this update (``log pi_learner_old``, the PPO
+    ratio's denominator and clip centre), ``rollout_logprobs`` are the rollout engine's, and
+    each token's clipped surrogate is multiplied by the detached weight::
+
+        w = min(exp(old_logprobs - rollout_logprobs), tis_cap)
+
+    so the per-token loss is ``-w * min(r A, clip(r) A)`` with ``r = exp(logprobs -
+    old_logprobs)``. The KL term is not weighted. Capping (truncating) ``w`` from above bounds
+    the variance that rare tokens the rollout engine found far less likely than the learner
+    would add; weights below 1 are kept. Stats gain ``tis_weight_mean`` (token mean of ``w``)
+    and ``tis_truncated_frac`` (share of tokens whose ratio exceeded ``tis_cap``).
+    ``tis_cap=None`` (the default) leaves the loss as it is.
     """
     per_token, stats = _clipped_surrogate(
         logprobs, old_logprobs, advantages, mask, clip_low, clip_high
     )
+    if tis_cap is not None:
+        if rollout_logprobs is None:
+            raise ValueError(f"tis_cap={tis_cap} needs rollout_logprobs")
+        weight, truncated = tis_weights(old_logprobs, rollout_logprobs, mask, tis_cap)
+        per_token = per_token * weight
+        stats["tis_weight_mean"] = masked_mean(weight, mask).item()
+        stats["tis_truncated_frac"] = masked_mean(truncated.float(), mask).item()
     if ref_logprobs is not None:
         mask = mask.bool()
         ref_logprobs = torch.where(mask, ref_logprobs, logprobs.detach())
@@ -128,6 +155,17 @@ def policy_loss(
     elif kl_coef != 0.0:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
     return aggregate(per_token, mask, aggregation, normalizer), stats
+
+
+@torch.no_grad()
+def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights ``min(exp(old - rollout), cap)`` (1 outside ``mask``) and
+    where the cap applied; see :func:`policy_loss`."""
+    mask = mask.bool()
+    log_ratio = torch.where(mask, old_logprobs - rollout_logprobs, 0.0)
+    ratio = torch.exp(log_ratio)
+    return ratio.clamp(max=cap), mask & (ratio > cap)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -139,3 +139,25 @@ def shared_prompt_forward(model, input_ids: torch.Tensor, attention_mask: torch.
     logprobs = logprobs.index_put((rows.expand_as(pack.column)[pack.valid],
                                    pack.column[pack.valid]), picked[pack.valid])
     return logprobs, predicting[pack.valid]
+
+
+def shared_prompt_hidden(base_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         response_mask: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The packed pass of :func:`shared_prompt_forward` without the output head: the final
+    hidden states that predict the response tokens ``[N, H]`` (rows in order, tokens in order),
+    the tokens they predict ``[N]``, and each token's ``(row, column)`` in ``input_ids``.
+
+    ``base_model`` is the causal LM's decoder (``model.base_model``: embeddings, layers, final
+    norm), which returns ``last_hidden_state``; the head is applied by the caller, e.g. chunk by
+    chunk with :func:`harpo_core.logprobs.chunked_logprobs`.
+    """
+    pack = pack_shared_prompts(input_ids, attention_mask, response_mask)
+    dtype = next(base_model.parameters()).dtype
+    hidden = base_model(input_ids=pack.input_ids, position_ids=pack.position_ids,
+                        attention_mask=pack.attention_mask(dtype)).last_hidden_state
+    valid = pack.valid
+    packs = pack.row_pack[:, None].expand_as(pack.predictor)[valid]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+    return (hidden[packs, pack.predictor[valid]], pack.target[valid],
+            (rows.expand_as(pack.column)[valid], pack.column[valid]))

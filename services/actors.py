@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from harpo_core import make_estimator
 from harpo_core.estimators import Estimator, estimator_parameters
+from services.capacity import CapacityWait
 from services.config import TrainConfig
 from services.learner import LearnerGroup
 from services.modulator_actor import ModulatorService, RemoteModulator, modulator_name
@@ -68,9 +69,11 @@ class ActorSet:
 
     def __init__(self, config: TrainConfig, model_dir: str, *, version: int,
                  estimator_state: dict | None, run_root: Path,
-                 on_restart: Callable[[str], None], on_queue_depth: Callable[[int], None]):
+                 on_restart: Callable[[str], None], on_queue_depth: Callable[[int], None],
+                 capacity: CapacityWait | None = None):
         self.config = config
         r = config.rollout
+        self.pool = self.learners = None
         sampling, options = sampling_params(config), backend_options(config)
 
         bundles = engine_bundles(r)  # tensor-parallel vLLM: a placement group per worker
@@ -95,19 +98,26 @@ class ActorSet:
                 resources=dict(config.reward.resources) or None,
             ).remote(config.reward_config(), config.reward.torch_threads)
 
-        self.weight_sync = make_weight_sync(r.weight_sync).configure(config)
-        self.pool = RolloutPool(make_worker, make_scorer, workers=r.workers,
-                                scorers=config.reward.scorers, version=version,
-                                max_retries=r.request_retries, on_restart=on_restart,
-                                on_queue_depth=on_queue_depth,
-                                learner_shards=config.learner.workers,
-                                weight_sync=self.weight_sync,
-                                on_retire=self._release_engine_group)
         self.modulator = None  # the modulator actor, when the estimator takes one
-        self.estimator = self._make_estimator(run_root, on_restart)
-        if estimator_state is not None:
-            self.estimator.load_state_dict(estimator_state)
-        self.learners = LearnerGroup(config, model_dir, version=version)
+        self.weight_sync = make_weight_sync(r.weight_sync).configure(config)
+        try:  # a part that cannot start (no node for it in time): the others go too
+            self.pool = RolloutPool(
+                make_worker, make_scorer, workers=r.workers, scorers=config.reward.scorers,
+                version=version, max_retries=r.request_retries, on_restart=on_restart,
+                on_queue_depth=on_queue_depth, learner_shards=config.learner.workers,
+                weight_sync=self.weight_sync, capacity=capacity,
+                on_retire=self._release_engine_group, resources={
+                    "rollout": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker,
+                                **r.resources},
+                    "reward": {"CPU": config.reward.cpus_per_scorer,
+                               **config.reward.resources}})
+            self.estimator = self._make_estimator(run_root, on_restart)
+            if estimator_state is not None:
+                self.estimator.load_state_dict(estimator_state)
+            self.learners = LearnerGroup(config, model_dir, version=version, capacity=capacity)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _make_estimator(self, run_root: Path, on_restart) -> Estimator:
         """The configured estimator; one that takes a modulator gets the run's central one."""
@@ -168,9 +178,11 @@ class ActorSet:
         return {} if self.modulator is None else ray.get(self.modulator.task_factors.remote())
 
     def shutdown(self) -> None:
-        for part in (self.pool.shutdown, self.learners.shutdown):
+        for part in (self.pool, self.learners):
+            if part is None:
+                continue
             try:
-                part()
+                part.shutdown()
             except Exception as exc:  # noqa: BLE001 - tearing down after a failure
                 log.warning("while shutting down: %s", exc)
         if self.modulator is not None:

@@ -58,9 +58,16 @@ def _load_train_config(args: argparse.Namespace):
         if args.config:
             raise ValueError("give either CONFIG or --resume RUN_DIR, not both "
                              "(a resumed run keeps the configuration it was started with)")
-        if not run_config.is_file():
+        if run_config.is_file():
+            return _resumed(args, load_config(run_config, overrides), overrides)
+        from services.checkpoint_uri import stored_config
+
+        stored = stored_config(overrides)  # the run directory lost: its checkpoint_uri's copy
+        if stored is None:
             raise FileNotFoundError(f"{args.resume} is not a run directory (no config.yaml)")
-        return _resumed(args, load_config(run_config, overrides), overrides)
+        text, source = stored
+        return _resumed(args, load_config_text(text, source, Path(args.resume), overrides),
+                        overrides)
     if not args.config:
         raise ValueError("harpo train needs a CONFIG file (or --resume RUN_DIR)")
     return load_config(args.config, overrides)
@@ -78,7 +85,9 @@ def _resumed(args: argparse.Namespace, config, overrides: dict):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = _load_train_config(args)
+    from services.checkpoint_uri import with_env_uri
+
+    config = with_env_uri(_load_train_config(args))  # $HARPO_CHECKPOINT_URI, unless set
     from services.run_owner import claim_and_check
 
     resume, lock = claim_and_check(config, resume=bool(args.resume), overwrite=args.overwrite,

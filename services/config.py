@@ -22,6 +22,7 @@ from pydantic import (
 
 from harpo_core.loss_config import AGGREGATIONS, KL_ESTIMATORS, LossConfig
 from harpo_core.rewards import RewardConfig
+from services.checkpoint_uri import check_checkpoint_uri
 from services.config_algorithm import AlgorithmSection
 from services.config_base import Fraction, PositiveInt, Section, is_loopback
 from services.learner_strategies import STRATEGIES
@@ -40,6 +41,17 @@ class RunSection(Section):
     keep_checkpoints: PositiveInt = 2
     # Automatic restarts from the last checkpoint after a learner failure (0: fail at once).
     max_restarts: Annotated[int, Field(ge=0)] = 3
+    # --- surviving a cluster (services/capacity.py, services/checkpoint_store.py)
+    # How long a lost actor's replacement (or the learners' placement group) may wait for a
+    # node with its resources before the job stops with a checkpoint, naming what is missing.
+    capacity_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
+    # Object storage that receives every checkpoint (a pyarrow.fs URI: local path, file://,
+    # s3://, gs://, ...); --resume downloads from it when the run directory has none. Unset
+    # here, `harpo train` takes $HARPO_CHECKPOINT_URI (the Helm chart's checkpointUri).
+    checkpoint_uri: Annotated[str | None, AfterValidator(check_checkpoint_uri)] = None
+    # How long one checkpoint's upload may take; past it (or on an error) the run goes on and
+    # the next checkpoint is uploaded.
+    checkpoint_upload_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
 
 
 class ModelSection(Section):
@@ -230,7 +242,7 @@ class LearnerSection(Section):
     # only, the update is the same); null: the rank's whole share of a mini-batch at once.
     micro_batch_size: PositiveInt | None = None
     # Sequences per micro-batch are also bounded by their padded token count (prompt +
-    # response, per rank); null: only micro_batch_size bounds them.
+    # response, per rank; a longer row goes alone); null: only micro_batch_size bounds them.
     micro_batch_tokens: PositiveInt | None = None
     ppo_epochs: PositiveInt = 1
     # Parameter dtype of the training forward/backward (reductions and optimizer state stay
@@ -242,7 +254,7 @@ class LearnerSection(Section):
     # null: the whole micro-batch's logits at once.
     logprob_chunk_tokens: PositiveInt | None = None
     # Truncated importance sampling: weight each token's loss by min(pi_learner / pi_rollout,
-    # tis_cap) to correct the rollout/learner gap; null: off.
+    # tis_cap) to correct the rollout/learner gap (harpo_core.losses.policy_loss); null: off.
     tis_cap: Annotated[float, Field(ge=1.0)] | None = None
     # The policy loss (harpo_core.loss_config.LossConfig); kl_coef > 0 loads a reference model.
     clip_low: Annotated[float, Field(ge=0.0, lt=1.0)] = _LOSS.clip_low
@@ -250,7 +262,10 @@ class LearnerSection(Section):
     aggregation: Literal[AGGREGATIONS] = _LOSS.aggregation
     kl_coef: Annotated[float, Field(ge=0.0)] = _LOSS.kl_coef
     kl_estimator: Literal[KL_ESTIMATORS] = _LOSS.kl_estimator
-    logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] = 1e-3
+    # The update stops when the rollouts' log-probs are not the learner's; null: by dtype
+    # (float32 both sides: max gap 1e-3; bf16/fp16: p99 1.0/0.2, harpo_core.mismatch). A
+    # number replaces that threshold.
+    logprob_mismatch_tolerance: Annotated[float, Field(gt=0.0)] | None = None
     # One packed forward pass per GRPO group (its prompt computed once); needs an attention
     # backend that takes a 4D mask (eager, SDPA). false: every response runs on its own.
     shared_prompt_forward: bool = True
@@ -271,7 +286,7 @@ class LearnerSection(Section):
     def loss_config(self) -> LossConfig:
         return LossConfig(clip_low=self.clip_low, clip_high=self.clip_high,
                           aggregation=self.aggregation, kl_coef=self.kl_coef,
-                          kl_estimator=self.kl_estimator)
+                          kl_estimator=self.kl_estimator, tis_cap=self.tis_cap)
 
 
 Port = Annotated[int, Field(ge=0, le=65535)]

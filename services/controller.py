@@ -32,6 +32,8 @@ from harpo_core.data import TaskStratifiedSampler
 from services.actors import ActorSet
 from services.advantages import step_advantages
 from services.autoscale import autoscale_target
+from services.capacity import CapacityTimeout, CapacityWait
+from services.checkpoint_store import CheckpointStore, Uploader, latest_checkpoint
 from services.config import TrainConfig
 from services.endpoints import Endpoints
 from services.learner import LearnerFailure
@@ -67,12 +69,23 @@ class Trainer:
         self.endpoints = Endpoints(config)
         self.control = TrainerControl(self, config, on_state=self.endpoints.set_state)
         self.prefetch = Prefetcher()
+        # a lost node: replacements wait (bounded) for one with their resources
+        self.capacity = CapacityWait(config.run.capacity_timeout_s,
+                                     on_waiting=self.endpoints.set_waiting_for_capacity)
+        uri = config.run.checkpoint_uri if mode == "train" else None
+        self.uploader = None if uri is None else Uploader(
+            CheckpointStore(uri), config.run.checkpoint_upload_timeout_s,
+            on_result=self.endpoints.record_checkpoint_upload)
         checkpoint = None
         if resume:
-            checkpoint = self.run_dir.latest_valid_checkpoint()
+            if mode == "train":  # what a killed checkpoint writer left
+                self.run_dir.remove_leftovers()
+            # the run directory's, or (its volume lost) the newest in run.checkpoint_uri
+            checkpoint = latest_checkpoint(self.run_dir, uri)
             if checkpoint is None:
-                raise FileNotFoundError(
-                    f"no valid checkpoint under {self.run_dir.checkpoints} to resume from")
+                where = f" or in {uri}" if uri else ""
+                raise FileNotFoundError(f"no valid checkpoint under {self.run_dir.checkpoints}"
+                                        f"{where} to resume from")
         elif mode == "train" and (found := self.run_dir.run_files()):
             raise ValueError(
                 f"{self.run_dir.root} already holds a run ({', '.join(found)}); resume it, or "
@@ -131,7 +144,8 @@ class Trainer:
         self.actors = ActorSet(config, model_dir, version=self.version,
                                estimator_state=estimator_state, run_root=run_root,
                                on_restart=self._count_restart,
-                               on_queue_depth=self.endpoints.set_queue_depth)
+                               on_queue_depth=self.endpoints.set_queue_depth,
+                               capacity=self.capacity)
         if checkpoint is not None:
             self.actors.learners.load(str(checkpoint / "model"), self.version)
         self.chunk_prompts = config.rollout.prompts_per_request or -(
@@ -231,12 +245,16 @@ class Trainer:
                 self.control.serve()
                 if self.control.stop_requested:
                     break
+                # the sampler before this step's prompts were drawn (a stop mid-step puts it back)
+                before = self.prefetch.sampler_state() or self.sampler.state_dict()
                 try:
                     record = self.step()
                 except LearnerFailure as exc:
                     self._restart_after(exc)
                     rows = [r for r in rows if r["step"] < self.completed_steps]
                     continue
+                except CapacityTimeout as exc:
+                    self._stop_for_capacity(exc, before)
                 row = metrics_row(record)
                 self.run_dir.append_metrics(row)
                 self.endpoints.record_step(record, row)
@@ -244,7 +262,13 @@ class Trainer:
                 rows.append(row)
                 progress.update(row["step"], f"reward {row['reward_mean']:.3f} "
                                              f"{row['rollouts_per_s']:.0f} rollouts/s")
-                self._between_steps(row, progress)
+                try:
+                    self._between_steps(row, progress)
+                except LearnerFailure as exc:  # e.g. a learner died while saving
+                    self._restart_after(exc)
+                    rows = [r for r in rows if r["step"] < self.completed_steps]
+                except CapacityTimeout as exc:  # e.g. scaling up found no node
+                    self._stop_for_capacity(exc, None)
             if self.control.stop_requested and self.completed_steps < cfg.run.steps:
                 self.control.stopped(self.checkpoint())
         except BaseException:
@@ -265,23 +289,57 @@ class Trainer:
         self._autoscale(row["timing"])
 
     def _restart_after(self, failure: Exception) -> None:
-        """Rebuild every actor from the last valid checkpoint (or from scratch)."""
+        """Rebuild every actor from the last valid checkpoint (or from scratch). A learner
+        lost with its node waits for a node to place the learners on (run.capacity_timeout_s);
+        a learner that dies while the job restarts counts as another restart."""
         cfg = self.config
-        if self.restarts["job"] >= cfg.run.max_restarts:
-            raise RuntimeError(
-                f"learner failure after {self.restarts['job']} automatic restart(s) "
-                f"(run.max_restarts = {cfg.run.max_restarts}): {failure}") from failure
-        checkpoint = self.run_dir.latest_valid_checkpoint()
-        where = f"checkpoint {checkpoint.name}" if checkpoint else "the start (no checkpoint yet)"
-        log.warning("learner failure at step %d (%s); restarting from %s", self.completed_steps,
-                    failure, where)
-        self._discard_prefetch()
-        self.actors.shutdown()
-        self._count_restart("learner")
-        self._count_restart("job")
-        self._setup(checkpoint)
+        while True:
+            if self.restarts["job"] >= cfg.run.max_restarts:
+                raise RuntimeError(
+                    f"learner failure after {self.restarts['job']} automatic restart(s) "
+                    f"(run.max_restarts = {cfg.run.max_restarts}): {failure}") from failure
+            checkpoint = self.run_dir.latest_valid_checkpoint()
+            where = (f"checkpoint {checkpoint.name}" if checkpoint
+                     else "the start (no checkpoint yet)")
+            log.warning("learner failure at step %d (%s); restarting from %s",
+                        self.completed_steps, failure, where)
+            self._discard_prefetch()
+            self.actors.shutdown()
+            self._count_restart("learner")
+            self._count_restart("job")
+            try:
+                self._setup(checkpoint)
+            except LearnerFailure as exc:
+                failure = exc
+                continue
+            except CapacityTimeout as exc:  # no learners to checkpoint: the last one stands
+                raise self._capacity_message(exc, checkpoint) from None
+            break
         workers = len(self.actors.pool.workers)
         self.endpoints.set_rollout_workers(workers, desired=workers)
+
+    def _stop_for_capacity(self, exc: CapacityTimeout, sampler_state: dict | None) -> None:
+        """No node for a lost actor in time: checkpoint the completed steps (the step in
+        flight gives its prompts back to the sampler) and stop with what is missing."""
+        self._discard_prefetch()
+        if sampler_state is not None:
+            self.sampler.load_state_dict(sampler_state)
+        try:
+            checkpoint = self.checkpoint()
+        except LearnerFailure as failure:
+            log.warning("no checkpoint at the stop (%s)", failure)
+            checkpoint = self.run_dir.latest_valid_checkpoint()
+        raise self._capacity_message(exc, checkpoint) from None
+
+    def _capacity_message(self, exc: CapacityTimeout, checkpoint: Path | None
+                          ) -> CapacityTimeout:
+        root = self.run_dir.root
+        where = (f"checkpoint {checkpoint}; resume with: harpo train --resume {root}"
+                 if checkpoint else "no checkpoint yet")
+        exc.args = (f"{exc.args[0]}. Stopped at step {self.completed_steps} of "
+                    f"{self.config.run.steps}; {where}",)
+        exc.checkpoint = checkpoint
+        return exc
 
     def _autoscale(self, timing: dict) -> None:
         policy = self.config.rollout.autoscale
@@ -323,8 +381,11 @@ class Trainer:
             write_json(tmp / "trainer.json", {"completed_steps": self.completed_steps,
                                               "version": self.version})
 
-        return self.run_dir.save_checkpoint(self.completed_steps, write,
-                                            self.config.run.keep_checkpoints)
+        keep = self.config.run.keep_checkpoints
+        path = self.run_dir.save_checkpoint(self.completed_steps, write, keep)
+        if self.uploader is not None:  # bounded; a failure is logged and the run goes on
+            self.uploader.upload(path, keep, self.run_dir.config_path)
+        return path
 
     def progress(self) -> dict:
         """Where the run stands (for the control API's status)."""

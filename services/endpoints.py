@@ -105,6 +105,14 @@ class Endpoints:
         if self.metrics is not None:
             self.metrics.record_restart(role)
 
+    def set_waiting_for_capacity(self, role: str, waiting: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.set_waiting_for_capacity(role, waiting)
+
+    def record_checkpoint_upload(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record_checkpoint_upload(result)
+
     def set_queue_depth(self, depth: int) -> None:
         if self.metrics is not None:
             self.metrics.set_queue_depth(depth)

@@ -31,6 +31,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from harpo_core.schema import concat, to_learner_tensors
+from services.capacity import CapacityWait
 from services.config import TrainConfig
 from services.devices import actor_device, cpu_only, process_group_backend
 from services.learner_core import LearnerCore
@@ -156,7 +157,8 @@ class Learner:
 class LearnerGroup:
     """``config.learner.workers`` learners, gang-scheduled, acting as one."""
 
-    def __init__(self, config: TrainConfig, model_dir: str, *, version: int = 0):
+    def __init__(self, config: TrainConfig, model_dir: str, *, version: int = 0,
+                 capacity: CapacityWait | None = None):
         learner = config.learner
         self.world_size = learner.workers
         resources = dict(learner.resources)
@@ -164,7 +166,23 @@ class LearnerGroup:
         bundle = {"CPU": learner.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
                   **resources}
         self.pg = placement_group([bundle] * self.world_size, strategy="PACK")
-        ray.get(self.pg.ready())
+        self.learners: list = []
+        try:
+            if capacity is None:
+                ray.get(self.pg.ready())
+            else:  # a lost learner node: wait (bounded) until the group can be placed again
+                capacity.placement_group("learner", self.pg, [bundle] * self.world_size)
+        except BaseException:
+            remove_placement_group(self.pg)
+            raise
+        try:
+            self._start(config, model_dir, version, resources)
+        except BaseException:
+            self._kill()
+            raise
+
+    def _start(self, config: TrainConfig, model_dir: str, version: int, resources: dict):
+        learner, gpus = config.learner, config.learner.gpus_per_worker
         self.learners = [
             Learner.options(
                 num_cpus=learner.cpus_per_worker, num_gpus=gpus, resources=resources or None,
@@ -174,9 +192,24 @@ class LearnerGroup:
             for rank in range(self.world_size)
         ]
         self.rank_metrics: list[dict] = []  # every rank's metrics of the last update
-        master = ray.get(self.learners[0].address.remote())
-        ray.get([learner.setup.remote(master, model_dir, version)
-                 for learner in self.learners])
+        master = self._all_ranks("start", lambda: self.learners[0].address.remote())
+        self.pids = self._all_ranks("start", lambda: [  # each rank's process id
+            learner.setup.remote(master, model_dir, version) for learner in self.learners])
+
+    def _all_ranks(self, what: str, call) -> list:
+        """``ray.get`` of ``call()``'s per-rank refs; a rank that died (its node too) is a
+        :class:`LearnerFailure`, handled like a death at any other moment (a restart from
+        the last valid checkpoint)."""
+        try:
+            return ray.get(call())
+        except ray.exceptions.RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                raise  # its own start-up failed (a bug, bad input): a restart would too
+            raise LearnerFailure(f"a learner died during {what}: {exc}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            if self._any_dead():  # a survivor's collective broke because a rank died
+                raise LearnerFailure(f"a learner died during {what}") from exc
+            raise
 
     def update(self, step: int, shards: list[list], advantages: np.ndarray,
                pad_id: int) -> dict:
@@ -226,10 +259,12 @@ class LearnerGroup:
     def save(self, directory: str) -> None:
         """Checkpoint through the strategy; every rank takes part (under ``ddp`` rank 0
         writes)."""
-        ray.get([learner.save.remote(directory) for learner in self.learners])
+        self._all_ranks("save", lambda: [learner.save.remote(directory)
+                                         for learner in self.learners])
 
     def load(self, directory: str, version: int) -> None:
-        ray.get([learner.load.remote(directory, version) for learner in self.learners])
+        self._all_ranks("load", lambda: [learner.load.remote(directory, version)
+                                         for learner in self.learners])
 
     def shutdown(self) -> None:
         try:
@@ -237,6 +272,9 @@ class LearnerGroup:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass  # a dead or stuck rank: killed below
         finally:
-            for learner in self.learners:
-                ray.kill(learner)
-            remove_placement_group(self.pg)
+            self._kill()
+
+    def _kill(self) -> None:
+        for learner in self.learners:
+            ray.kill(learner)
+        remove_placement_group(self.pg)

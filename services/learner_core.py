@@ -33,10 +33,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from harpo_core.losses import policy_loss, token_entropy, token_logprobs
-from harpo_core.packing import shared_prompt_forward
+from harpo_core.losses import policy_loss
+from harpo_core.micro_batches import plan_micro_batches, split_to_count
+from services.learner_forward import PolicyLogprobs
+from services.learner_mismatch import MismatchGaps, learner_mismatch_rule
 from services.learner_optim import make_optimizer
 from services.learner_strategies import make_strategy
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages")
 # Token-weighted statistics reported by policy_loss (plus entropy, added by the learner).
 TOKEN_STATS = ("clip_frac", "approx_kl", "ratio_mean", "entropy", "kl")
+TIS_STATS = ("tis_weight_mean", "tis_truncated_frac")  # with learner.tis_cap
 
 
 def shard_batch(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict:
@@ -82,7 +86,9 @@ class LearnerCore:
     * ``learner.mini_batch_prompts × rollout.group_size`` sequences per optimizer step, over
       all ranks together; ``learner.micro_batch_size`` (per rank, default: the whole local
       mini-batch) only bounds memory through gradient accumulation and does not change the
-      result.
+      result; nor does ``learner.micro_batch_tokens`` (padded tokens per micro-batch).
+    * The strategy wraps the forward module (:mod:`services.learner_forward`; chunked with
+      ``learner.logprob_chunk_tokens``); ``learner.tis_cap``: see ``policy_loss``.
     * ``learner.strategy`` (:mod:`services.learner_strategies`) wraps the model for the ranks.
     * The loss knobs are ``learner.loss_config()``; ``kl_coef > 0`` loads a frozen reference
       copy of the initial model.
@@ -108,10 +114,11 @@ class LearnerCore:
 
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = learner.micro_batch_size
+        self.micro_batch_tokens = learner.micro_batch_tokens
         self.max_grad_norm = learner.max_grad_norm
         self.ppo_epochs = learner.ppo_epochs
         self.loss = learner.loss_config()
-        self.logprob_tolerance = learner.logprob_mismatch_tolerance
+        self.mismatch_rule = learner_mismatch_rule(config, model_dir)
         self.shared_prompt = learner.shared_prompt_forward
         self.temperature = config.rollout.temperature
         self.rank = rank
@@ -123,15 +130,23 @@ class LearnerCore:
 
         torch.manual_seed(config.run.seed)
         self.model = self._load_model(model_dir)
-        self.ref_model = None  # kl_coef = 0: no reference model at all
+        forward = dict(temperature=self.temperature, chunk_tokens=learner.logprob_chunk_tokens,
+                       shared_prompt=self.shared_prompt)
+        self.ref_model = self.ref_policy = None  # kl_coef = 0: no reference model at all
         if self.loss.kl_coef > 0:  # placed (sharded) like the policy, no optimizer
-            self.ref_model = self.strategy.wrap_reference(self._load_model(model_dir))
+            self.ref_model = self._load_model(model_dir)
+            self.ref_policy = self.strategy.wrap_reference(PolicyLogprobs(self.ref_model,
+                                                                          **forward))
         attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
         if self.shared_prompt and attention not in ("eager", "sdpa"):
             raise ValueError(
                 f"shared-prompt forward passes need eager or sdpa attention (a 4D mask); this "
                 f"model uses {attention!r}: set learner.shared_prompt_forward: false")
-        self.train_model = self.strategy.wrap(self.model)
+        # One module computes the log-probs from the ids: it is what the strategy wraps (a
+        # sharded root gathers the head inside its forward); .model keeps the HF names.
+        self.policy = PolicyLogprobs(self.model, **forward)
+        self.token_stats = TOKEN_STATS + (TIS_STATS if self.loss.tis_cap is not None else ())
+        self.train_model = self.strategy.wrap(self.policy)
         self.optimizer, self.scheduler = make_optimizer(self.model, config)
 
     def _load_model(self, model_dir):
@@ -140,29 +155,34 @@ class LearnerCore:
 
     # ----------------------------------------------------------------- log-probs
 
-    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token log-probs ``[B, T]`` (valid on ``response_mask``) and the logits that predicted
-        the response tokens ``[N, V]`` (rows in order, tokens in order)."""
-        ids, attention = batch["input_ids"], batch["attention_mask"]
-        response = batch["response_mask"]
-        if self.shared_prompt:
-            return shared_prompt_forward(model, ids, attention, response, self.temperature)
-        logprobs, logits = self._plain_forward(model, ids, attention)
-        return logprobs, logits[:, :-1][response[:, 1:].bool()]
+    def _forward(self, policy, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token log-probs ``[B, T]`` (valid on ``response_mask``) and the entropy ``[N]`` of
+        each distribution that predicted a response token (rows in order, tokens in order)."""
+        return policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
 
-    def _plain_forward(self, model, ids, attention) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass per row: log-probs ``[B, T]`` at every position and the logits
-        ``[B, T, V]`` of the sampling distribution (divided by the rollouts' temperature)."""
-        logits = model(input_ids=ids, attention_mask=attention).logits
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return token_logprobs(logits, ids), logits
+    def _micro_batches(self, batch, max_rows, *, ranks_agree: bool = False) -> list[dict]:
+        """``batch`` cut into micro-batches of at most ``max_rows`` rows and, with
+        ``learner.micro_batch_tokens``, of at most that many padded tokens, each cut to its
+        longest row (rows stay in order; a longer row goes alone). ``ranks_agree`` (every
+        rank calls it): as many micro-batches on every rank."""
+        n = len(batch["input_ids"])
+        if self.micro_batch_tokens is None:
+            size = max_rows or n
+            return [{k: v[start:start + size] for k, v in batch.items()}
+                    for start in range(0, n, size)]
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        plan = plan_micro_batches(lengths, max_rows=max_rows, max_tokens=self.micro_batch_tokens)
+        if ranks_agree and self.world_size > 1:  # every rank runs as many passes
+            count = torch.tensor([len(plan)], dtype=torch.float64, device=self.device)
+            plan = split_to_count(plan, lengths, int(self._global_sum(count, dist.ReduceOp.MAX)))
+        return [{k: v[start:end, :width] if v.dim() == 2 else v[start:end]
+                 for k, v in batch.items()} for start, end, width in plan]
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict, micro_batch_size: int | None = None) -> torch.Tensor:
         """Log-probs ``[B, T]`` of ``batch["input_ids"]`` under the current policy (on CPU),
         at every position (one plain forward pass per row)."""
-        return self._logprobs(self.model, batch, micro_batch_size).cpu()
+        return self._logprobs(self.policy, batch, micro_batch_size).cpu()
 
     @torch.no_grad()
     def compute_ref_logprobs(
@@ -171,20 +191,22 @@ class LearnerCore:
         """Log-probs ``[B, T]`` under the frozen reference model (needs ``kl_coef > 0``)."""
         if self.ref_model is None:
             raise ValueError("compute_ref_logprobs needs a reference model: learner.kl_coef > 0")
-        return self._logprobs(self.ref_model, batch, micro_batch_size).cpu()
+        return self._logprobs(self.ref_policy, batch, micro_batch_size).cpu()
 
-    def _logprobs(self, model, batch, micro_batch_size, *, responses_only: bool = False):
-        """Log-probs ``[B, T]`` in micro-batches: at every position, or (``responses_only``)
-        on ``response_mask`` only, through the update's own forward pass (:meth:`_forward`)."""
-        size = micro_batch_size or self.micro_batch_size or len(batch["input_ids"])
+    def _logprobs(self, policy, batch, micro_batch_size, *, responses_only: bool = False):
+        """Log-probs ``[B, T]`` in micro-batches: at every position, or (``responses_only``,
+        within an update: every rank calls it) on ``response_mask`` only, through the
+        update's own forward pass (:meth:`_forward`)."""
+        width = batch["input_ids"].shape[1]
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         chunks = []
-        for start in range(0, len(batch["input_ids"]), size):
-            chunk = {k: v[start:start + size].to(self.device) for k, v in batch.items()}
+        size = micro_batch_size or self.micro_batch_size
+        for micro in self._micro_batches(batch, size, ranks_agree=responses_only):
             if responses_only:
-                chunks.append(self._forward(model, chunk)[0])
-                continue
-            chunks.append(self._plain_forward(model, chunk["input_ids"],
-                                              chunk["attention_mask"])[0])
+                logprobs = self._forward(policy, micro)[0]
+            else:
+                logprobs = policy(micro["input_ids"], micro["attention_mask"])[0]
+            chunks.append(F.pad(logprobs, (0, width - logprobs.shape[1])))
         return torch.cat(chunks)
 
     # -------------------------------------------------------------------- update
@@ -205,13 +227,16 @@ class LearnerCore:
         still measured but is not an error.
         """
         batch = self._check_batch(batch, global_batch_size)
-        if self.ref_model is not None:
-            with torch.no_grad():
-                batch["ref_logprobs"] = self._logprobs(self.ref_model, batch, None,
+        with torch.no_grad():
+            if self.ref_model is not None:
+                batch["ref_logprobs"] = self._logprobs(self.ref_policy, batch, None,
                                                        responses_only=True)
+            if self.loss.tis_cap is not None:  # the learner's own log-probs before the update
+                batch["learner_logprobs"] = self._logprobs(self.train_model, batch, None,
+                                                           responses_only=True)
         totals = {"steps": 0.0, "skipped_steps": 0.0, "loss": 0.0, "grad_norm": 0.0, "lr": 0.0,
-                  "stat_tokens": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0,
-                  "mismatch_max": 0.0, **{name: 0.0 for name in TOKEN_STATS}}
+                  "stat_tokens": 0.0, "mismatch": MismatchGaps(),
+                  **{name: 0.0 for name in self.token_stats}}
         local_mini = self.mini_batch_size // self.world_size
         local_size = len(batch["input_ids"])
         for epoch in range(self.ppo_epochs):
@@ -272,19 +297,18 @@ class LearnerCore:
         normalizer = max(sequences if seq_mean else tokens, 1.0)
 
         self.optimizer.zero_grad(set_to_none=True)
-        size = self.micro_batch_size or len(response_mask)
-        starts = list(range(0, len(response_mask), size))
-        for start in starts:
-            micro = {key: value[start:start + size] for key, value in mini.items()}
-            last = start == starts[-1]
+        micros = self._micro_batches(mini, self.micro_batch_size, ranks_agree=True)
+        for index, micro in enumerate(micros):
+            last = index == len(micros) - 1
             sync = nullcontext() if last else self.strategy.no_sync(self.train_model)
             with sync:
-                loss, stats, predicting, logprobs = self._micro_loss(micro, normalizer)
+                loss, stats, entropy, logprobs = self._micro_loss(micro, normalizer)
                 (loss * self.world_size).backward()
-            self._record_micro(micro, stats, predicting, logprobs, loss, totals,
-                               measure_mismatch)
+            self._record_micro(micro, stats, entropy, logprobs, loss, totals, measure_mismatch)
+        if measure_mismatch:  # every rank takes part: the statistics are global
+            totals["mismatch"] = totals["mismatch"].gather(self.world_size, self.device)
         if check_mismatch:
-            self._check_mismatch(totals["mismatch_max"])
+            self._check_mismatch(totals["mismatch"].stats)
 
         grad_norm = self.strategy.clip_grad_norm(self.model, self.max_grad_norm)
         totals["steps"] += 1
@@ -296,67 +320,69 @@ class LearnerCore:
             totals["skipped_steps"] += 1
             self.optimizer.zero_grad(set_to_none=True)
 
-    def _check_mismatch(self, local_max: float) -> None:
-        """Refuse to step when the rollouts' log-probs are not the policy's (all ranks agree).
+    def _check_mismatch(self, stats: dict[str, float]) -> None:
+        """Refuse to step when the rollouts' log-probs are not the policy's (all ranks agree:
+        the statistics are global).
 
         Measured on the first mini-batch, before any optimizer step, so the learner's weights
         are exactly those the rollout workers were given: a gap here means the sync or the
         rollout backend is wrong, and training on such rollouts would be silently off-policy.
+        The statistic and its threshold fit the dtypes in use (:mod:`harpo_core.mismatch`).
         """
-        peak = torch.tensor([local_max], dtype=torch.float64, device=self.device)
-        peak = self._global_sum(peak, dist.ReduceOp.MAX).item()
-        if peak > self.logprob_tolerance:
+        rule = self.mismatch_rule
+        if rule.exceeded(stats):
             self.optimizer.zero_grad(set_to_none=True)
             raise LogprobMismatchError(
-                f"rollout log-probs differ from the learner's by up to {peak:.3e} "
-                f"(learner.logprob_mismatch_tolerance = {self.logprob_tolerance:.0e}): the "
-                f"rollout workers do not serve the learner's weights; no update was made")
+                f"rollout log-probs differ from the learner's: {rule.statistic} gap "
+                f"{stats[rule.statistic]:.3e} (max {stats['max']:.3e}, p99 {stats['p99']:.3e}, "
+                f"mean {stats['mean']:.3e}) breaks {rule.describe()} "
+                f"(learner.logprob_mismatch_tolerance): the rollout workers do not serve the "
+                f"learner's weights; no update was made")
 
     def _micro_loss(self, micro, normalizer):
-        logprobs, predicting = self._forward(self.train_model, micro)
+        logprobs, entropy = self._forward(self.train_model, micro)
+        old, rollout = micro["old_logprobs"], None
+        if self.loss.tis_cap is not None:  # PPO around the learner's own pre-update log-probs
+            old, rollout = micro["learner_logprobs"], micro["old_logprobs"]
         loss, stats = policy_loss(
-            logprobs, micro["old_logprobs"], micro["advantages"], micro["response_mask"],
-            ref_logprobs=micro.get("ref_logprobs"), normalizer=normalizer, **self.loss.kwargs(),
+            logprobs, old, micro["advantages"], micro["response_mask"],
+            ref_logprobs=micro.get("ref_logprobs"), normalizer=normalizer,
+            rollout_logprobs=rollout, **self.loss.kwargs(),
         )
-        return loss, stats, predicting, logprobs
+        return loss, stats, entropy, logprobs
 
     @torch.no_grad()
-    def _record_micro(self, micro, stats, predicting, logprobs, loss, totals, measure_mismatch):
+    def _record_micro(self, micro, stats, entropy, logprobs, loss, totals, measure_mismatch):
         mask = micro["response_mask"].bool()
         n_tokens = float(mask.sum())
-        stats["entropy"] = (token_entropy(predicting.detach()[None]).mean().item()
-                            if n_tokens else 0.0)
+        stats["entropy"] = entropy.mean().item() if n_tokens else 0.0
         for name, value in stats.items():
             totals[name] += value * n_tokens
         totals["stat_tokens"] += n_tokens
         totals["loss"] += loss.item()  # this rank's share of the global mini-batch loss
         if measure_mismatch and n_tokens > 0:
-            gap = (logprobs.detach() - micro["old_logprobs"])[mask].abs()
-            totals["mismatch_sum"] += gap.sum().item()
-            totals["mismatch_tokens"] += n_tokens
-            totals["mismatch_max"] = max(totals["mismatch_max"], gap.max().item())
+            totals["mismatch"].add((logprobs.detach() - micro["old_logprobs"])[mask])
 
     def _finish_metrics(self, totals):
-        summed = ["loss", "stat_tokens", "mismatch_sum", "mismatch_tokens", "n_sequences",
-                  "n_tokens", *TOKEN_STATS]
+        summed = ["loss", "stat_tokens", "n_sequences", "n_tokens", *self.token_stats]
         values = torch.tensor(
             [totals[name] for name in summed], dtype=torch.float64, device=self.device
         )
         totals.update(zip(summed, self._global_sum(values).tolist()))
-        peak = torch.tensor([totals["mismatch_max"]], dtype=torch.float64, device=self.device)
-        totals["mismatch_max"] = self._global_sum(peak, dist.ReduceOp.MAX).item()
+        mismatch = totals["mismatch"].stats  # gathered over the ranks already
 
         steps = totals["steps"]
         stat_tokens = max(totals["stat_tokens"], 1.0)
-        metrics = {name: totals[name] / stat_tokens for name in TOKEN_STATS}
+        metrics = {name: totals[name] / stat_tokens for name in self.token_stats}
         if self.ref_model is None:
             del metrics["kl"]
         metrics.update(
             loss=totals["loss"] / steps,
             grad_norm=totals["grad_norm"] / steps,
             lr=totals["lr"] / steps,
-            logprob_mismatch_max=totals["mismatch_max"],
-            logprob_mismatch_mean=totals["mismatch_sum"] / max(totals["mismatch_tokens"], 1.0),
+            logprob_mismatch_max=mismatch["max"],
+            logprob_mismatch_mean=mismatch["mean"],
+            logprob_mismatch_p99=mismatch["p99"],
             n_sequences=totals["n_sequences"],
             n_tokens=totals["n_tokens"],
             n_steps=steps,

@@ -56,6 +56,12 @@ _JOB_GAUGES = {
                              "Largest |rollout - learner| token log-prob gap"),
     "logprob_mismatch_mean": ("harpo_logprob_mismatch_mean",
                               "Mean |rollout - learner| token log-prob gap"),
+    "logprob_mismatch_p99": ("harpo_logprob_mismatch_p99",
+                             "99th percentile of the |rollout - learner| token log-prob gaps"),
+    "tis_weight_mean": ("harpo_tis_weight_mean",
+                        "Token mean of the truncated importance weights (learner.tis_cap)"),
+    "tis_truncated_frac": ("harpo_tis_truncated_fraction",
+                           "Fraction of tokens whose importance ratio exceeded learner.tis_cap"),
     "signal_reference": ("harpo_signal_reference",
                          "Reference signal rho_ref (geometric mean of the task EMAs)"),
     "sample_factor_mean": ("harpo_sample_factor_mean", "Mean sample factor over the groups"),
@@ -153,6 +159,14 @@ class MetricsExporter:
                                   "Seconds the worker took to load the last weights",
                                   ("job", "worker"), registry=r)
 
+        self._waiting_capacity = Gauge(
+            "harpo_waiting_for_capacity", "1 while a replacement actor (or the learners' "
+            "placement group) of the role waits for a node with its resources "
+            "(run.capacity_timeout_s)", ("job", "role"), registry=r)
+        self._uploads = Counter("harpo_checkpoint_uploads", "Checkpoint uploads to "
+                                "run.checkpoint_uri by result (ok, failed, timeout, skipped)",
+                                ("job", "result"), registry=r)
+
         # Counters exist at 0 from the start: increase() only sees an increment between two
         # samples, so a counter born at 1 would hide the first restart or failure from alerts.
         for role in RESTART_ROLES:
@@ -161,6 +175,10 @@ class MetricsExporter:
         self._sync_failures.labels(self.job)
         self._steps.labels(self.job)
         self._rollouts.labels(self.job)
+        for role in ("rollout", "reward", "learner"):
+            self._waiting_capacity.labels(self.job, role).set(0.0)
+        for result in ("ok", "failed", "timeout", "skipped"):
+            self._uploads.labels(self.job, result)
 
     # ------------------------------------------------------------------ HTTP endpoint
 
@@ -285,6 +303,12 @@ class MetricsExporter:
         if role not in RESTART_ROLES:
             raise ValueError(f"restart role must be one of {RESTART_ROLES}, got {role!r}")
         self._restarts.labels(self.job, role).inc()
+
+    def set_waiting_for_capacity(self, role: str, waiting: bool) -> None:
+        self._waiting_capacity.labels(self.job, role).set(1.0 if waiting else 0.0)
+
+    def record_checkpoint_upload(self, result: str) -> None:
+        self._uploads.labels(self.job, result).inc()
 
     def record_weight_sync(self, seconds: float, ok: bool = True) -> None:
         """One weight broadcast: its duration, and whether every worker took the weights."""

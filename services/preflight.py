@@ -185,6 +185,34 @@ def _physical_memory() -> int | None:
         return None
 
 
+def estimate_memory(config: TrainConfig, model_config: dict) -> dict[str, int]:
+    """Rough peak bytes of one rollout request and one learner forward/backward pass.
+
+    Superseded by the memory plan (:mod:`services.plan`, which preflight checks); kept for
+    its test (tests/services/test_preflight.py) until that test moves to the plan."""
+    r, d, lr = config.rollout, config.data, config.learner
+    tokens = d.max_prompt_tokens + r.max_new_tokens
+    vocab = int(model_config.get("vocab_size") or 32000)
+    hidden = int(model_config.get("hidden_size") or 4096)
+    layers = int(model_config.get("num_hidden_layers") or 32)
+    chunk = r.prompts_per_request or -(-d.prompts_per_step // r.workers)
+    rollout_seqs = chunk * r.group_size
+    # KV cache of every sequence plus one row of logits per sequence, float32
+    rollout = rollout_seqs * (tokens * 2 * layers * hidden + vocab) * 4
+    micro = lr.micro_batch_size or lr.mini_batch_prompts * r.group_size // lr.workers
+    # a token budget caps a pass's padded tokens, but a longer row still goes whole
+    pass_tokens = micro * tokens
+    if lr.micro_batch_tokens is not None:
+        pass_tokens = min(pass_tokens, max(lr.micro_batch_tokens, tokens))
+    # logits, their log-softmax and its gradient (of one chunk when chunked), plus
+    # activations, float32
+    logit_tokens = min(pass_tokens, lr.logprob_chunk_tokens or pass_tokens)
+    learner = (logit_tokens * 3 * vocab + pass_tokens * 4 * layers * hidden) * 4
+    return {"rollout_request": rollout, "learner_pass": learner,
+            "rollout_sequences": rollout_seqs, "learner_sequences": micro,
+            "learner_pass_tokens": pass_tokens}
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -275,13 +303,17 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
     checkpoint = None
     model_dir = config.model.path
     if resume:
+        from services.checkpoint_store import latest_checkpoint
         from services.run_dir import RunDir
 
         run_dir = RunDir(config.run.output_dir)
-        checkpoint = run_dir.latest_valid_checkpoint()
+        # the run directory's, or the newest in run.checkpoint_uri (downloaded into it)
+        uri = config.run.checkpoint_uri if output else None
+        checkpoint = latest_checkpoint(run_dir, uri)
         if checkpoint is None:
-            raise PreflightError(f"no valid checkpoint under {run_dir.checkpoints} to resume "
-                                 f"from; start the run without --resume")
+            where = f" or in {uri}" if uri else ""
+            raise PreflightError(f"no valid checkpoint under {run_dir.checkpoints}{where} to "
+                                 f"resume from; start the run without --resume")
         model_dir = checkpoint / "model"
     # cheap checks first (files, headers, data, disk, ports), then the memory plan and the
     # tokenizer: importing transformers and tokenizing every prompt is the slow part

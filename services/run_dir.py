@@ -17,9 +17,10 @@
           MANIFEST.json              sha256 of every file, written last
       .harpo.lock                    while a harpo process uses the directory (services.run_lock)
 
-A checkpoint is written into a temporary directory and renamed into place, so a crash leaves
-either the old set or the new one, never half a checkpoint. Loading verifies the manifest and
-skips (with a message) a checkpoint that does not match it.
+A checkpoint is written into a temporary directory (``checkpoints/.tmp-step-N-PID``) and renamed
+into place, so a crash leaves either the old set or the new one, never half a checkpoint; the
+temporary directory a killed writer leaves is removed when the run resumes. Loading verifies
+the manifest and skips (with a message) a checkpoint that does not match it.
 """
 
 from __future__ import annotations
@@ -157,7 +158,11 @@ class RunDir:
         tmp = self.checkpoints / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write(tmp)
+        try:
+            write(tmp)
+        except BaseException:  # e.g. a learner died while saving: no half checkpoint stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
         write_json(tmp / MANIFEST, {"completed_steps": completed_steps, "files": manifest})
@@ -166,6 +171,18 @@ class RunDir:
         os.replace(tmp, final)
         self._prune(keep)
         return final
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove the ``checkpoints/.tmp-step-*`` directories a killed writer left (never
+        renamed into place, so never a checkpoint); returns them. Nothing else in the run
+        directory is touched."""
+        if not self.checkpoints.is_dir():
+            return []
+        removed = sorted(p for p in self.checkpoints.glob(".tmp-step-*") if p.is_dir())
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s: a checkpoint whose writing was cut short", path)
+        return removed
 
     def _prune(self, keep: int) -> None:
         for old in self.list_checkpoints()[:-keep]:

@@ -112,8 +112,7 @@ def claim_and_check(config, *, resume: bool, overwrite: bool, job: bool, note: s
     from services.cli_run import check_before_start
     from services.preflight import check_output_dir
 
-    resume = resume or (job and RunDir(config.run.output_dir).latest_valid_checkpoint()
-                        is not None)
+    resume = resume or (job and _has_checkpoint(config))
     check_output_dir(config.run.output_dir)
     lock = claim_for_training(config, resume=resume, overwrite=overwrite, move_unfinished=job)
     try:
@@ -124,3 +123,15 @@ def claim_and_check(config, *, resume: bool, overwrite: bool, job: bool, note: s
         raise
     warn(note)
     return resume, lock
+
+
+def _has_checkpoint(config) -> bool:
+    """A job attempt resumes when the run directory, or ``run.checkpoint_uri`` (the run
+    directory's volume lost), holds a checkpoint."""
+    if RunDir(config.run.output_dir).latest_valid_checkpoint() is not None:
+        return True
+    if config.run.checkpoint_uri:
+        from services.checkpoint_store import CheckpointStore
+
+        return CheckpointStore(config.run.checkpoint_uri).latest_complete() is not None
+    return False

@@ -124,6 +124,7 @@ SECTIONS: list[tuple[str, list[P]]] = [
         P("Learning rate", [(sel("harpo_learning_rate"), "lr")], width=8),
         P("Rollout / learner log-prob mismatch",
           [(sel("harpo_logprob_mismatch_max"), "max"),
+           (sel("harpo_logprob_mismatch_p99"), "p99"),
            (sel("harpo_logprob_mismatch_mean"), "mean")], width=12),
         P("Advantage |A^H| per task", [(sel("harpo_task_advantage_abs_mean"), "{{task}}")],
           width=12),

@@ -35,6 +35,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from services.capacity import CapacityWait
 from services.rollout.backend import SamplingParams
 from services.rollout.worker import RolloutRequest
 from services.weight_sync import WeightHandle, WeightSync
@@ -82,10 +83,14 @@ class RolloutPool:
                  on_restart: Callable[[str], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None,
                  learner_shards: int = 1, weight_sync: WeightSync | None = None,
+                 capacity: CapacityWait | None = None, resources: dict[str, dict] | None = None,
                  on_retire: Callable[[str], None] | None = None):
         self._make_worker, self._make_scorer = make_worker, make_scorer
         # the driver's weight sync: re-issues handles to newcomers (None: handles are reusable)
         self._weight_sync = weight_sync or WeightSync()
+        # node loss: a replacement waits (bounded) for a node with its role's resources
+        self._capacity = capacity
+        self._resources = resources or {}
         self.version = version
         self.weights: WeightHandle | None = None  # the current version's (None: model_dir's)
         if learner_shards < 1:
@@ -113,15 +118,25 @@ class RolloutPool:
 
     def _add(self, role: str, count: int) -> None:
         members = [self._new(role) for _ in range(count)]
+        for member in members:  # started together, awaited in turn
+            member.actor = self._ready(role, member)
         if role == "rollout":
             if self.weights is not None:
                 handle = self._weight_sync.reissue(self.weights, len(members))
                 ray.get([m.actor.set_weights.remote(self.version, handle) for m in members])
-            ray.get([m.actor.ready.remote() for m in members])
             self.workers.extend(members)
         else:
-            ray.get([m.actor.ready.remote() for m in members])
             self.scorers.extend(members)
+
+    def _ready(self, role: str, member: _Member):
+        """``member``'s actor once it answers; on a cluster that lost a node, the wait for a
+        node with the role's resources is bounded (``services.capacity``)."""
+        if self._capacity is None:
+            ray.get(member.actor.ready.remote())
+            return member.actor
+        factory = self._make_worker if role == "rollout" else self._make_scorer
+        return self._capacity.ready(role, member.name, lambda: factory(member.name),
+                                    self._resources.get(role, {}), actor=member.actor)
 
     def scale(self, workers: int) -> int:
         """Grow or shrink the rollout workers to ``workers``; returns the previous count."""
@@ -158,10 +173,10 @@ class RolloutPool:
         ray.kill(member.actor)
         self._on_retire(member.name)
         fresh = self._new(role)
+        fresh.actor = self._ready(role, fresh)
         if role == "rollout" and self.weights is not None:
             handle = self._weight_sync.reissue(self.weights, 1)
             ray.get(fresh.actor.set_weights.remote(self.version, handle))
-        ray.get(fresh.actor.ready.remote())
         members[index] = fresh
         self._on_restart(role)
         return fresh

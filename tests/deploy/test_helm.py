@@ -446,6 +446,20 @@ def test_control_tls_and_checkpoint_uri():
     assert_valid(docs)
 
 
+def test_gcs_fault_tolerance_renders_kuberays_options():
+    """Off by default; on, the RayCluster spec carries KubeRay's gcsFaultToleranceOptions
+    (external Redis, password from a Secret) and still validates."""
+    assert "gcsFaultToleranceOptions" not in cluster_spec(helm_template())
+    docs = helm_template(sets=("gcsFaultTolerance.enabled=true",
+                               "gcsFaultTolerance.redisAddress=redis.ray:6379",
+                               "gcsFaultTolerance.redisPasswordSecret=redis-auth"))
+    assert cluster_spec(docs)["gcsFaultToleranceOptions"] == {
+        "redisAddress": "redis.ray:6379",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-auth",
+                                                         "key": "password"}}}}
+    assert_valid(docs)
+
+
 def test_one_gpu_node_colocates_learner_on_the_rollout_pod():
     docs = helm_template(CHART / "examples" / "one-gpu-node.yaml")
     groups = {g["groupName"]: g for g in cluster_spec(docs)["workerGroupSpecs"]}

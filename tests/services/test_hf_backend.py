@@ -77,7 +77,7 @@ def test_learner_log_probs_follow_the_sampling_temperature(tiny_assets, backend,
         })
         learner = LearnerCore(str(tiny_assets.model_dir), config)
         # the update's own forward pass and the full-sequence one used for reference log-probs
-        ours = learner._logprobs(learner.model, batch, None, responses_only=True)
+        ours = learner._logprobs(learner.policy, batch, None, responses_only=True)
         full = learner.compute_logprobs(batch)
         assert torch.allclose(ours[mask], full[mask], atol=1e-5)
         gaps[temperature] = (ours - batch["old_logprobs"])[mask].abs().max().item()

@@ -1,9 +1,11 @@
+import copy
 import json
 import math
 import os
 import socket
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,9 +13,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from harpo_core.losses import LossConfig
+from harpo_core.losses import LossConfig, token_logprobs
 from services.config import ConfigError, LearnerSection, parse_config
-from services.learner_core import LearnerCore, shard_batch
+from services.learner_core import LearnerCore, LogprobMismatchError, shard_batch
+from services.learner_forward import PolicyLogprobs
 from services.learner_optim import lr_factor
 from services.learner_strategies import available_strategies, make_strategy
 
@@ -172,6 +175,10 @@ DDP_CONFIGS = [
          shared_prompt_forward=False),
     dict(aggregation="seq-mean-token-mean", shared_prompt_forward=True),
     dict(aggregation="token-mean", kl_coef=0.5, shared_prompt_forward=True),
+    # the chunked head's own backward under DDP's gradient hooks, token-budget micro-batches
+    # (14 tokens: rank 0 cuts its first mini-batch in two, rank 1 not, unless they agree)
+    dict(aggregation="seq-mean-token-mean", shared_prompt_forward=True, logprob_chunk_tokens=4,
+         micro_batch_tokens=14),
 ]
 
 
@@ -187,7 +194,13 @@ def ddp_worker(rank, world_size, port, model_dir, out_dir):
         for index, config in enumerate(DDP_CONFIGS):
             learner = LearnerCore(model_dir, make_config(workers=world_size, **COMMON, **config),
                                   rank=rank, world_size=world_size)
+            passes = []
+            learner.policy.register_forward_hook(lambda *_, passes=passes: passes.append(1))
             metrics = train(learner, shard_batch(ddp_batch(config), rank, world_size))
+            # every rank runs as many forward passes (a sharded model gathers in each)
+            counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
+            dist.all_gather(counts, torch.tensor([len(passes)]))
+            assert len({int(c) for c in counts}) == 1, (config, counts)
             weights = learner.full_state_dict()  # every rank calls it; rank 0 gets the dict
             assert (weights is None) == (rank != 0)
             if rank == 0:
@@ -303,6 +316,13 @@ def test_scheduler_drives_the_optimizer_lr_once_per_update(model_dir):
         (config_data(kl_coef=-0.1), r"learner.kl_coef: Input should be greater than or"),
         (config_data(rollout={"temperature": 0.0}), r"rollout.temperature: .*greater than 0"),
         (config_data(micro_batch_size=0), r"learner.micro_batch_size: Input should be"),
+        (config_data(micro_batch_tokens=0),
+         r"learner.micro_batch_tokens: Input should be greater than or equal to 1 \(got 0\)"),
+        (config_data(logprob_chunk_tokens=0),
+         r"learner.logprob_chunk_tokens: Input should be greater than or equal to 1"),
+        (config_data(tis_cap=0.5), r"learner.tis_cap: Input should be greater than or equal to 1"),
+        (config_data(logprob_mismatch_tolerance=0.0),
+         r"learner.logprob_mismatch_tolerance: Input should be greater than 0"),
         (config_data(strategy="fsdp"),
          r"learner.strategy: unknown learner strategy 'fsdp'; available: \['ddp', 'fsdp2'\]"),
         ({**config_data(workers=2, mini_batch_prompts=1), "rollout": {"group_size": 3}},
@@ -359,3 +379,210 @@ def test_bad_batches_are_rejected(model_dir):
     batch["old_logprobs"] = batch["old_logprobs"][:, :-1]
     with pytest.raises(ValueError, match=r"old_logprobs.shape=\(8, 11\)"):
         learner.update(batch, global_batch_size=BATCH)
+
+
+# ------------------------------------------- chunked log-probs, micro-batches by token budget
+
+def close(got, want, tol=1e-6):
+    """Equal to ``tol`` relative to the largest entry (at least 1): fp32 rounding of sums."""
+    return (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+def grads(learner):
+    """The gradients of the last mini-batch (left in place after its optimizer step)."""
+    return {name: p.grad.clone() for name, p in learner.model.named_parameters()}
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunked_logprobs_make_the_same_update(model_dir, shared):
+    # temperature 0.7 (the head divides by it), a reference model (its log-probs chunked too)
+    knobs = dict(lr=1e-3, rollout={"temperature": 0.7}, shared_prompt_forward=shared,
+                 kl_coef=0.1 if shared else 0.0)
+    whole = LearnerCore(model_dir, make_config(BATCH, **knobs))
+    chunked = LearnerCore(model_dir, make_config(BATCH, logprob_chunk_tokens=3, **knobs))
+    assert chunked.policy.chunk_tokens == 3 and chunked.train_model is chunked.policy
+    assert chunked.policy.state_dict().keys() == {f"model.{k}" for k in chunked.model.state_dict()}
+    batch = make_batch(seed=4, grouped=shared)
+    assert close(chunked.compute_logprobs(batch), whole.compute_logprobs(batch))
+    got, want = train(chunked, batch), train(whole, batch)
+    for name in ("loss", "grad_norm", "entropy", "clip_frac", "kl"):
+        if name in want:
+            assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-7), name
+    # (gradients, not weights: Adam's first step, ~lr * sign(g), turns rounding into lr
+    # where a gradient is ~0)
+    want_grads = grads(whole)
+    for name, grad in grads(chunked).items():
+        assert close(grad, want_grads[name]), name
+    # the published weights keep the plain Hugging Face names
+    assert chunked.full_state_dict().keys() == whole.model.state_dict().keys()
+
+
+def test_chunking_needs_a_plain_linear_head():
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match=r"learner.logprob_chunk_tokens needs a model whose "
+                       r"logits are a plain linear head .*\['final_logit_softcapping'\]: set "
+                       r"learner.logprob_chunk_tokens: null"):
+        PolicyLogprobs(Qwen2ForCausalLM(config), chunk_tokens=8)
+
+
+def test_micro_batch_tokens_bound_every_pass_and_keep_the_update(model_dir):
+    # row lengths of make_batch(): 3, 7, 11, 12, 7, 4, 11, 7 (padded to 12)
+    whole = LearnerCore(model_dir, make_config(BATCH, **COMMON))
+    metrics_whole = train(whole, make_batch())
+    for budget, rows in ((14, None), (11, 3)):
+        learner = LearnerCore(model_dir, make_config(BATCH, micro_batch_tokens=budget,
+                                                     micro_batch_size=rows, **COMMON))
+        passes = []
+        learner.policy.register_forward_hook(
+            lambda module, args, out, passes=passes: passes.append(tuple(args[0].shape)))
+        metrics = train(learner, make_batch())
+        assert len(passes) == {14: 6, 11: BATCH}[budget] and sum(n for n, _ in passes) == BATCH
+        # within the budget, or a row longer than it alone; each cut to its longest row
+        assert all(n * width <= budget or n == 1 for n, width in passes), passes
+        assert min(width for _, width in passes) < SEQ_LEN
+        assert any(width > budget for _, width in passes) == (budget == 11)
+        whole_grads = grads(whole)
+        for name, grad in grads(learner).items():
+            assert close(grad, whole_grads[name]), (budget, name)
+        for name in ("loss", "grad_norm", "entropy", "logprob_mismatch_p99"):
+            assert metrics[name] == pytest.approx(metrics_whole[name], rel=1e-5), name
+    # the log-prob passes keep the [B, T] layout (past a row's end: 0, as the row was cut)
+    inside = make_batch()["attention_mask"].bool()
+    got, want = learner.compute_logprobs(make_batch()), whole.compute_logprobs(make_batch())
+    assert close(got[inside], want[inside]) and (got[~inside] == 0).all()
+
+
+# ------------------------------------------------------ rollout/learner mismatch check
+
+def served_logprobs(model, batch, dtype=torch.float32):
+    """The log-probs a rollout backend serving ``model``'s weights in ``dtype`` reports."""
+    served = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        logits = served(input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"]).logits.float()
+    return token_logprobs(logits, batch["input_ids"])
+
+
+def test_mismatch_reports_max_mean_and_p99_of_the_token_gaps(model_dir):
+    learner = LearnerCore(model_dir, make_config(BATCH, **COMMON))
+    batch = make_batch()
+    mask = batch["response_mask"].bool()
+    gaps = (learner.compute_logprobs(batch) - batch["old_logprobs"])[mask].abs().numpy()
+    metrics = train(learner, batch)
+    assert metrics["logprob_mismatch_p99"] == pytest.approx(np.quantile(gaps, 0.99), rel=1e-5)
+    assert metrics["logprob_mismatch_max"] == pytest.approx(gaps.max(), rel=1e-5)
+    assert metrics["logprob_mismatch_mean"] == pytest.approx(gaps.mean(), rel=1e-5)
+    assert metrics["logprob_mismatch_p99"] < metrics["logprob_mismatch_max"]
+
+
+BF16_ROLLOUT = {"backend": "vllm", "vllm": {"dtype": "bfloat16"}}
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tmp_path_factory):
+    """A random Qwen2 whose next-token distributions are peaked like a trained model's (the
+    default init gives near-uniform ones, where even random weights look alike)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("peaked_qwen2")
+    Qwen2ForCausalLM(peaked_config()).save_pretrained(path)
+    return str(path)
+
+
+def peaked_config():
+    return Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=128, initializer_range=0.2)
+
+
+def test_broken_weight_sync_stops_the_update_in_float32_and_bf16(peaked_model_dir):
+    batch = make_batch(seed=6)
+    torch.manual_seed(1)
+    random_model = Qwen2ForCausalLM(peaked_config()).eval()
+
+    def check(learner, rollout_logprobs, stops: bool, match=""):
+        before = params(learner)
+        rows = {**batch, "old_logprobs": rollout_logprobs}
+        if not stops:
+            return learner.update(rows, global_batch_size=BATCH)
+        with pytest.raises(LogprobMismatchError, match=match):
+            learner.update(rows, global_batch_size=BATCH)
+        assert all(torch.equal(before[k], v) for k, v in params(learner).items())  # no update
+
+    fp32 = LearnerCore(peaked_model_dir, make_config(BATCH, lr=3e-2))
+    bf16 = LearnerCore(peaked_model_dir, make_config(BATCH, lr=3e-2, rollout=BF16_ROLLOUT))
+    assert (bf16.mismatch_rule.statistic, bf16.mismatch_rule.tolerance) == ("p99", 1.0)
+    initial = copy.deepcopy(fp32.model)
+    # the same weights served in bf16: the float32 rule (max 1e-3) would stop every run at
+    # step 1 (the bug of issue 16); the bf16 rule lets it train and reports the gap
+    genuine_bf16 = served_logprobs(initial, batch, torch.bfloat16)
+    metrics = check(bf16, genuine_bf16, stops=False)
+    assert 1e-3 < metrics["logprob_mismatch_max"] < 0.2
+    assert metrics["logprob_mismatch_p99"] < 0.2
+    check(LearnerCore(peaked_model_dir, make_config(BATCH)), genuine_bf16, stops=True,
+          match=r"max gap .* breaks max <= 0.001 for rollout fp32 / learner fp32")
+    # random weights on the rollout side stop both at once
+    check(fp32, served_logprobs(random_model, batch), stops=True, match=r"max <= 0.001")
+    check(bf16, served_logprobs(random_model, batch, torch.bfloat16), stops=True,
+          match=r"p99 gap .* breaks p99 <= 1 for rollout bf16 / learner fp32")
+    # rollout workers left on the initial weights while the learner took one update (a large
+    # one, lr 3e-2: an update of lr 1e-6 is well inside bf16 noise and shows only as it adds up)
+    train(fp32, make_batch(seed=10))
+    check(fp32, served_logprobs(initial, batch), stops=True, match=r"max <= 0.001")
+    check(bf16, served_logprobs(initial, batch, torch.bfloat16), stops=True,
+          match=r"p99 gap [0-9.]+e\+00 .* breaks p99 <= 1 for rollout bf16")
+    # a user's tolerance replaces the threshold, keeping the statistic; stale rollouts of the
+    # asynchronous mode are measured, never stopped
+    loose = LearnerCore(peaked_model_dir, make_config(BATCH, rollout=BF16_ROLLOUT,
+                                                      logprob_mismatch_tolerance=20.0))
+    assert (loose.mismatch_rule.statistic, loose.mismatch_rule.tolerance) == ("p99", 20.0)
+    check(loose, served_logprobs(random_model, batch, torch.bfloat16), stops=False)
+    metrics = fp32.update({**batch, "old_logprobs": served_logprobs(random_model, batch)},
+                          global_batch_size=BATCH, check_mismatch=False)
+    assert metrics["logprob_mismatch_p99"] > 1.0
+
+
+# -------------------------------------------------------- truncated importance sampling
+
+def test_tis_cap_weights_each_token_by_the_capped_learner_rollout_ratio(model_dir):
+    batch = make_batch(seed=5)
+    knobs = dict(COMMON, max_grad_norm=1e6)  # no clipping: the gradients compare as they are
+    plain = LearnerCore(model_dir, make_config(BATCH, **knobs))
+    batch["old_logprobs"] = plain.compute_logprobs(batch)  # rollouts on the learner's weights
+    metrics_plain = train(plain, batch)
+    assert "tis_weight_mean" not in metrics_plain
+    # on-policy every weight is 1: the plain update
+    on_policy = LearnerCore(model_dir, make_config(BATCH, tis_cap=2.0, **knobs))
+    metrics = train(on_policy, batch)
+    assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["tis_truncated_frac"] == 0.0
+    plain_grads = grads(plain)
+    for name, grad in grads(on_policy).items():
+        assert close(grad, plain_grads[name], 1e-5), name
+    # the rollout engine found every token 3 times less likely than the learner: each weight
+    # is min(3, 2) = 2, so the loss and the gradients double (PPO's ratio is around the
+    # learner's own log-probs, 1 on the first step)
+    capped = LearnerCore(model_dir, make_config(BATCH, tis_cap=2.0, **knobs))
+    metrics = train(capped, {**batch, "old_logprobs": batch["old_logprobs"] - math.log(3.0)})
+    assert metrics["tis_weight_mean"] == pytest.approx(2.0)
+    assert metrics["tis_truncated_frac"] == 1.0
+    assert metrics["loss"] == pytest.approx(2 * metrics_plain["loss"], rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(2 * metrics_plain["grad_norm"], rel=1e-5)
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    for name, grad in grads(capped).items():
+        assert close(grad, 2 * plain_grads[name], 1e-5), name
+
+
+def test_the_rollout_dtype_comes_from_the_backend_and_the_checkpoint(tmp_path):
+    from services.learner_mismatch import learner_mismatch_rule
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+
+    def rule(**rollout):
+        return learner_mismatch_rule(make_config(rollout=rollout), tmp_path)
+
+    assert rule().dtypes == ("fp32", "fp32")  # hf serves float32 whatever the checkpoint
+    assert rule(backend="vllm").dtypes == ("bf16", "fp32")  # auto: the checkpoint's dtype
+    assert rule(backend="vllm", vllm={"dtype": "float32"}).dtypes == ("fp32", "fp32")
+    assert rule(backend="vllm", vllm={"dtype": "float16"}).tolerance == 0.2

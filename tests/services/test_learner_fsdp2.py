@@ -39,6 +39,9 @@ RUNS = [
     ("fsdp2_kl_micro", dict(strategy="fsdp2", kl_coef=0.5, micro_batch_size=1, **PLAIN)),
     ("fsdp2_ac", dict(strategy="fsdp2", activation_checkpointing=True, **PLAIN)),
     ("fsdp2_untied", dict(strategy="fsdp2", **PLAIN)),  # on the untied model
+    # chunked head: lm_head is a group of its own here, the reference model sharded too
+    ("fsdp2_chunked_kl_untied", dict(strategy="fsdp2", logprob_chunk_tokens=3, kl_coef=0.5,
+                                     micro_batch_size=1, **PLAIN)),
     # ddp's bf16 autocast wrapper with no_sync and checkpointed layers (one row per pass on
     # one rank and two alike, so bf16 rounds the same)
     ("ddp_bf16_micro_ac", dict(strategy="ddp", dtype="bfloat16", micro_batch_size=1,
@@ -225,9 +228,12 @@ def test_bf16_runs_and_learns(two_ranks, model_dir):
     core = LearnerCore(model_dir, make_config(strategy="ddp", dtype="bfloat16", **PLAIN))
     assert all(p.dtype == torch.float32 for p in core.model.parameters())  # fp32 master
     batch = make_batch(seed=1)
+    seen = []  # the HF model's logits inside the trained module (the log-prob wrapper)
+    hook = core.model.register_forward_hook(lambda m, a, out: seen.append(out.logits.dtype))
     with torch.no_grad():
-        logits = core.train_model(input_ids=batch["input_ids"]).logits
-    assert logits.dtype == torch.bfloat16  # bf16 compute
+        core.train_model(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    hook.remove()
+    assert seen == [torch.bfloat16]  # bf16 compute
     before, after = bf16_learns(core, batch, batch)
     assert after > before + 1.0
     assert all(p.dtype == torch.float32 for p in core.model.parameters())

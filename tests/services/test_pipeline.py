@@ -42,7 +42,8 @@ def test_a_run_writes_its_directory_and_the_modulator_sees_groups_only(
     first = logged[0]
     for key in ("policy_version", "reward", "accuracy", "task_factor", "task_signal",
                 "task_signal_ema", "loss", "entropy", "clip_frac", "response_length",
-                "rollouts_per_s", "tokens_per_s", "logprob_mismatch_max", "timing"):
+                "rollouts_per_s", "tokens_per_s", "logprob_mismatch_max", "logprob_mismatch_p99",
+                "timing"):
         assert key in first, key
     assert [r["policy_version"] for r in logged] == [0, 1]
     assert first["rollouts"] == 4 * 4

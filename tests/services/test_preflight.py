@@ -345,3 +345,28 @@ def test_result_tables():
     assert lines[0] == "task             reward accuracy  format rollouts"
     assert lines[2] == "a                 1.000    1.000   1.000        2"
     assert lines[-1] == "mean              0.750"
+
+
+def test_learner_memory_estimate_follows_the_token_budget_and_the_logit_chunk():
+    from services.config import parse_config
+    from services.preflight import estimate_memory
+
+    model = {"vocab_size": 151936, "hidden_size": 896, "num_hidden_layers": 24}
+
+    def estimate(**learner):
+        data = {"path": "d", "max_prompt_tokens": 512, "prompts_per_step": 8}
+        config = parse_config({"model": {"path": "m"}, "data": data,
+                               "rollout": {"max_new_tokens": 512}, "learner": learner})
+        return estimate_memory(config, model)
+
+    # 8 prompts x 5 responses of 1024 tokens in one pass: the logits dominate
+    whole = estimate()
+    assert whole["learner_pass_tokens"] == 40 * 1024
+    assert whole["learner_pass"] == 40 * 1024 * (3 * 151936 + 4 * 24 * 896) * 4
+    budget = estimate(micro_batch_tokens=4096)
+    assert budget["learner_pass_tokens"] == 4096 and budget["learner_sequences"] == 40
+    assert budget["learner_pass"] == whole["learner_pass"] / 10
+    chunked = estimate(micro_batch_tokens=4096, logprob_chunk_tokens=512)
+    assert chunked["learner_pass"] == (512 * 3 * 151936 + 4096 * 4 * 24 * 896) * 4
+    # a budget below one row: a row still goes whole
+    assert estimate(micro_batch_tokens=100)["learner_pass_tokens"] == 1024

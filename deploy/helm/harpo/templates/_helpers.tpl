@@ -333,6 +333,17 @@ autoscalerOptions:
     - name: ray-tmp
       mountPath: /tmp/ray
 {{- end }}
+{{- with $v.gcsFaultTolerance }}{{ if .enabled }}
+gcsFaultToleranceOptions:
+  redisAddress: {{ .redisAddress | quote }}
+  {{- with .redisPasswordSecret }}
+  redisPassword:
+    valueFrom:
+      secretKeyRef:
+        name: {{ . | quote }}
+        key: password
+  {{- end }}
+{{- end }}{{ end }}
 headGroupSpec:
   rayStartParams:
     dashboard-host: "0.0.0.0"

@@ -23,6 +23,9 @@ involved, what they are and what is allowed. Included once, from configmap.yaml.
 {{- if and (not $v.persistence.enabled) (not $v.checkpointUri) }}
 {{- $errors = append $errors "checkpoints would be lost with the pods: set persistence.enabled=true (a PVC) or checkpointUri (an object store)" }}
 {{- end }}
+{{- if and $v.gcsFaultTolerance.enabled (not $v.gcsFaultTolerance.redisAddress) }}
+{{- $errors = append $errors "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of the Redis that keeps the GCS state)" }}
+{{- end }}
 {{- if and $v.persistence.enabled (not $v.persistence.existingClaim) (not $v.persistence.size) }}
 {{- $errors = append $errors "persistence.size is required when the chart creates the claim (persistence.existingClaim is empty)" }}
 {{- end }}
