@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from harpo_core import make_estimator
@@ -24,6 +25,8 @@ from services.modulator_actor import ModulatorService, RemoteModulator, modulato
 from services.prompts import derive_seed
 from services.reward_scorer import RewardScorer
 from services.rollout.backend import SamplingParams
+from services.rollout.placement import STRATEGY as ENGINE_STRATEGY
+from services.rollout.placement import engine_actor_options, engine_bundles
 from services.rollout.pool import RolloutPool
 from services.rollout.worker import RolloutWorker
 from services.step_record import WeightSyncReport
@@ -43,14 +46,18 @@ def sampling_params(config: TrainConfig) -> SamplingParams:
 def backend_options(config: TrainConfig) -> dict:
     """The engine options of the configured backend: its own section under ``rollout`` (e.g.
     ``rollout.vllm``), if it has one."""
-    section = getattr(config.rollout, config.rollout.backend, None)
+    r = config.rollout
+    # every backend: the GPUs its worker asked Ray for, and whether it sleeps during updates
+    placement = {"gpus": r.gpus_per_worker, "colocate": r.colocate}
+    section = getattr(r, r.backend, None)
     if section is None:
-        return {}
+        return placement
     options = section.model_dump(mode="json")
     options["trust_remote_code"] = config.model.trust_remote_code
+    options.pop("device_memory_gib", None)  # the memory plan's, not the engine's
     if "max_model_len" in options and options["max_model_len"] is None:
         options["max_model_len"] = config.data.max_prompt_tokens + config.rollout.max_new_tokens
-    return options
+    return {**options, **placement}
 
 
 class ActorSet:
@@ -69,12 +76,21 @@ class ActorSet:
         self.pool = self.learners = None
         sampling, options = sampling_params(config), backend_options(config)
 
+        bundles = engine_bundles(r)  # tensor-parallel vLLM: a placement group per worker
+        self._engine_groups: dict[str, object] = {}
+
         def make_worker(name: str):
-            return RolloutWorker.options(
-                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
-                resources=dict(r.resources) or None,
-            ).remote(name, r.backend, model_dir, sampling, r.torch_threads, options, version,
-                     r.weight_sync)
+            if bundles is None:
+                placement = dict(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                                 resources=dict(r.resources) or None)
+            else:
+                group = placement_group(bundles, strategy=ENGINE_STRATEGY)
+                ray.get(group.ready())
+                self._engine_groups[name] = group
+                placement = engine_actor_options(r, group)
+            return RolloutWorker.options(**placement).remote(
+                name, r.backend, model_dir, sampling, r.torch_threads, options, version,
+                r.weight_sync)
 
         def make_scorer(name: str):
             return RewardScorer.options(
@@ -89,7 +105,8 @@ class ActorSet:
                 make_worker, make_scorer, workers=r.workers, scorers=config.reward.scorers,
                 version=version, max_retries=r.request_retries, on_restart=on_restart,
                 on_queue_depth=on_queue_depth, learner_shards=config.learner.workers,
-                weight_sync=self.weight_sync, capacity=capacity, resources={
+                weight_sync=self.weight_sync, capacity=capacity,
+                on_retire=self._release_engine_group, resources={
                     "rollout": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker,
                                 **r.resources},
                     "reward": {"CPU": config.reward.cpus_per_scorer,
@@ -119,6 +136,17 @@ class ActorSet:
         ray.get(self.modulator.ready.remote())
         central = RemoteModulator(self.modulator, on_restart)
         return make_estimator(alg.estimator, **alg.estimator_params(modulator=central))
+
+    def _release_engine_group(self, name: str) -> None:
+        group = self._engine_groups.pop(name, None)
+        if group is not None:
+            remove_placement_group(group)
+
+    def before_update(self) -> None:
+        """``rollout.colocate``: the rollout engines sleep while the learners update (they
+        wake for the next weight load or generation)."""
+        if self.config.rollout.colocate:
+            self.pool.sleep()
 
     # ------------------------------------------------------------------ weights
 

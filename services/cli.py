@@ -175,6 +175,20 @@ def _eval(args: argparse.Namespace, config) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """The memory plan of CONFIG (services/plan.py); nothing starts. Exit 2 when it cannot
+    fit, as harpo train would refuse it."""
+    from services.config import load_config
+    from services.plan import plan_memory
+    from services.preflight import _physical_memory
+
+    config = load_config(args.config, dict(args.set or []))
+    plan = plan_memory(config, host_memory=_physical_memory())
+    print(plan.table(), flush=True)
+    plan.check()
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from services import jobs
 
@@ -385,6 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=positive_int, default=None, help="prompts per task")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("plan", help="per-rank memory of a config's learners and rollout "
+                                     "engines; refuses what cannot fit",
+                       description="Estimate the memory of one learner rank and one rollout "
+                                   "engine from the model's config.json and CONFIG, compare "
+                                   "it with the device memory (learner.device_memory_gib, "
+                                   "rollout.vllm.device_memory_gib) and say what to change; "
+                                   "starts nothing.")
+    p.add_argument("config", help="YAML run configuration")
+    p.add_argument("--set", action="append", type=_override, metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set learner.strategy=fsdp2 "
+                        "(repeatable)")
+    p.set_defaults(fn=_cmd_plan)
 
     _add_local_commands(sub)
     from services.compare import add_parser as add_compare

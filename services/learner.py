@@ -33,6 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from harpo_core.schema import concat, to_learner_tensors
 from services.capacity import CapacityWait
 from services.config import TrainConfig
+from services.devices import actor_device, cpu_only, process_group_backend
 from services.learner_core import LearnerCore
 from services.weight_sync import make_weight_sync
 
@@ -56,6 +57,8 @@ class Learner:
     """Rank ``rank`` of ``config.learner.workers``."""
 
     def __init__(self, config: TrainConfig, rank: int):
+        if config.learner.gpus_per_worker == 0:
+            cpu_only()  # before anything here initialises CUDA: see services/devices.py
         torch.set_num_threads(config.learner.torch_threads)
         self.train_config = config  # not "config": see setup()
         self.rank, self.world_size = rank, config.learner.workers
@@ -70,12 +73,22 @@ class Learner:
         # Not ``self.config``: cloudpickle takes the names a method uses that match torch's
         # submodules (torch.distributed + config) for imports to ship, and cannot pickle that
         # one ("cannot pickle 'ConfigModuleInstance'").
+        # the device Ray assigned (learner.gpus_per_worker), never whatever CUDA is visible
+        device = actor_device(f"learner rank {self.rank}",
+                              self.train_config.learner.gpus_per_worker,
+                              "learner.gpus_per_worker")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            if self.train_config.learner.device_memory_gib is None:  # not planned before
+                from services.plan import check_learner_device
+
+                check_learner_device(self.train_config, model_dir,
+                                     torch.cuda.get_device_properties(device).total_memory,
+                                     f"learner rank {self.rank}")
         if self.world_size > 1:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend, rank=self.rank,
+            torch.distributed.init_process_group(process_group_backend(device), rank=self.rank,
                                                  world_size=self.world_size)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         self.core = LearnerCore(model_dir, self.train_config, rank=self.rank,
                                 world_size=self.world_size, device=device)
         self.version = version

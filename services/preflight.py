@@ -3,8 +3,8 @@
 :func:`preflight` takes a validated :class:`~services.config.TrainConfig` and checks, in the
 order a user would fix them: the model directory (``config.json``, weight files, tokenizer),
 the data (shards readable, columns, task names, prompt lengths with the model's tokenizer),
-sizes that would allocate absurd memory, the output directory (a directory, writable, room for
-a checkpoint) and fixed ports. The first problem raises :class:`PreflightError` naming the
+the output directory (a directory, writable, room for a checkpoint), fixed ports, and the
+memory plan (:mod:`services.plan`: what cannot fit its GPUs or this machine). The first problem raises :class:`PreflightError` naming the
 file, field or row and what to do; nothing on disk is changed (the writability probe creates
 and removes one temporary file). The :class:`~services.controller.Trainer` keeps its own checks,
 since it also runs without the command line.
@@ -20,8 +20,12 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.config import TrainConfig
+
+if TYPE_CHECKING:
+    from services.plan import MemoryPlan
 
 # A checkpoint holds the model, its optimizer state (AdamW: two moments) and small files.
 CHECKPOINT_FACTOR = 3
@@ -42,7 +46,7 @@ class Plan:
     vocab_size: int
     tasks: dict[str, int] = field(default_factory=dict)  # train split: task -> prompts
     checkpoint: Path | None = None  # the checkpoint a resumed run starts from
-    estimated_bytes: dict[str, int] = field(default_factory=dict)
+    memory: MemoryPlan | None = None  # per-rank learner and rollout memory (services.plan)
 
 
 # ---------------------------------------------------------------------------- model
@@ -182,7 +186,10 @@ def _physical_memory() -> int | None:
 
 
 def estimate_memory(config: TrainConfig, model_config: dict) -> dict[str, int]:
-    """Rough peak bytes of one rollout request and one learner forward/backward pass."""
+    """Rough peak bytes of one rollout request and one learner forward/backward pass.
+
+    Superseded by the memory plan (:mod:`services.plan`, which preflight checks); kept for
+    its test (tests/services/test_preflight.py) until that test moves to the plan."""
     r, d, lr = config.rollout, config.data, config.learner
     tokens = d.max_prompt_tokens + r.max_new_tokens
     vocab = int(model_config.get("vocab_size") or 32000)
@@ -210,33 +217,21 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_sizes(config: TrainConfig, model_config: dict, memory: int | None = None) -> dict:
-    """Refuse sizes whose buffers alone exceed this machine's memory (CPU runs only: a GPU's
-    memory is bounded by its own settings)."""
-    estimate = estimate_memory(config, model_config)
+def check_memory(config: TrainConfig, model_dir: str | Path, memory: int | None = None,
+                 gpu_probe=None):
+    """The run's memory plan (:mod:`services.plan`), refused when it cannot fit: GPU actors
+    against their device memory, CPU actors against this machine's (``memory``, default its
+    physical memory). Returns the :class:`~services.plan.MemoryPlan`."""
+    from services.plan import PlanError, local_gpu_memory, plan_memory
+
     memory = _physical_memory() if memory is None else memory
-    if memory is None:
-        return estimate
-    r, d, lr = config.rollout, config.data, config.learner
-    tokens = f"(data.max_prompt_tokens {d.max_prompt_tokens} + rollout.max_new_tokens " \
-             f"{r.max_new_tokens})"
-    if r.gpus_per_worker == 0 and estimate["rollout_request"] > memory:
-        chunk = estimate["rollout_sequences"] // r.group_size
-        raise PreflightError(
-            f"one rollout request would need about {_gib(estimate['rollout_request'])}, more "
-            f"than this machine's {_gib(memory)}: rollout.group_size {r.group_size} × "
-            f"{chunk} prompts per request (rollout.prompts_per_request, or "
-            f"data.prompts_per_step / rollout.workers) × {tokens} tokens; lower "
-            f"rollout.group_size or rollout.prompts_per_request")
-    if lr.gpus_per_worker == 0 and estimate["learner_pass"] > memory:
-        raise PreflightError(
-            f"one learner forward/backward pass would need about "
-            f"{_gib(estimate['learner_pass'])}, more than this machine's {_gib(memory)}: "
-            f"{estimate['learner_sequences']} sequences (learner.micro_batch_size, or "
-            f"learner.mini_batch_prompts × rollout.group_size / learner.workers) × {tokens} "
-            f"tokens; set learner.micro_batch_size or learner.micro_batch_tokens (and "
-            f"learner.logprob_chunk_tokens for the logits), or lower rollout.group_size")
-    return estimate
+    try:
+        plan = plan_memory(config, model_dir, gpu_probe=gpu_probe or local_gpu_memory,
+                           host_memory=memory)
+        plan.check()
+    except PlanError as exc:
+        raise PreflightError(str(exc)) from None
+    return plan
 
 
 # ---------------------------------------------------------------------------- output, ports
@@ -320,11 +315,10 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
             raise PreflightError(f"no valid checkpoint under {run_dir.checkpoints}{where} to "
                                  f"resume from; start the run without --resume")
         model_dir = checkpoint / "model"
-    # cheap checks first (files, headers, sizes, disk, ports), then the tokenizer: importing
-    # transformers and tokenizing every prompt is the slow part
+    # cheap checks first (files, headers, data, disk, ports), then the memory plan and the
+    # tokenizer: importing transformers and tokenizing every prompt is the slow part
     model_config, weights = check_model_dir(model_dir)
     _check_context(config, model_config)
-    estimate = check_sizes(config, model_config)
     if splits is None:
         splits = (config.data.train_split,)
         if config.run.eval_every:
@@ -336,6 +330,9 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
         check_port(config.observability.metrics_host, config.observability.metrics_port,
                    "observability.metrics_port")
         check_port(config.control.host, config.control.port, "control.port")
+    # the memory plan reads config.json with transformers' AutoConfig: after the checks that
+    # need no transformers, before the tokenizer (which imports it anyway)
+    memory = check_memory(config, model_dir)
     tokenizer = load_tokenizer(model_dir, model_config, config.model.trust_remote_code)
     for split, prompts in data.items():
         check_prompt_lengths(config, tokenizer, prompts, split)
@@ -343,4 +340,4 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
     tasks = train.task_counts() if train is not None else {}
     return Plan(model_dir=Path(model_dir), weights_bytes=weights,
                 vocab_size=int(model_config.get("vocab_size") or 0), tasks=tasks,
-                checkpoint=checkpoint, estimated_bytes=estimate)
+                checkpoint=checkpoint, memory=memory)

@@ -62,8 +62,15 @@ class HFBackend:
 
     @classmethod
     def from_options(cls, model_dir: str, options: dict) -> HFBackend:
-        """``options``: optional ``device`` (default cpu); other keys are ignored."""
-        return cls(model_dir, device=options.get("device", "cpu"))
+        """``options``: optional ``device``; without it the GPU Ray assigned when ``gpus``
+        (rollout.gpus_per_worker) > 0, else the CPU; other keys are ignored."""
+        device = options.get("device")
+        if device is None:
+            from services.devices import actor_device
+
+            device = actor_device("HF rollout worker", float(options.get("gpus", 0) or 0),
+                                  "rollout.gpus_per_worker")
+        return cls(model_dir, device=device)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
@@ -140,6 +147,17 @@ class HFBackend:
                    past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n)
         return cache
+
+    def sleep(self) -> None:
+        """Free the GPU for a colocated learner (``rollout.colocate``): the model moves to
+        CPU memory. Nothing to free on CPU."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
 
     def shutdown(self) -> None:
         """Nothing to release: the model is ordinary process memory."""

