@@ -90,7 +90,8 @@ class Learner:
             torch.distributed.init_process_group(process_group_backend(device), rank=self.rank,
                                                  world_size=self.world_size)
         self.core = LearnerCore(model_dir, self.train_config, rank=self.rank,
-                                world_size=self.world_size, device=device)
+                                world_size=self.world_size, device=device,
+                                reference_dir=str(self.train_config.model.path))
         self.version = version
         return os.getpid()
 

@@ -91,7 +91,8 @@ class LearnerCore:
       ``learner.logprob_chunk_tokens``); ``learner.tis_cap``: see ``policy_loss``.
     * ``learner.strategy`` (:mod:`services.learner_strategies`) wraps the model for the ranks.
     * The loss knobs are ``learner.loss_config()``; ``kl_coef > 0`` loads a frozen reference
-      copy of the initial model.
+      copy of the initial model: ``reference_dir`` (a resumed run passes the model it started
+      from, ``model.path``, while ``model_dir`` is the checkpoint), else ``model_dir``.
     * ``rollout.temperature`` is the rollouts' sampling temperature: every log-prob, ratio, KL
       and entropy is that of ``softmax(logits / temperature)``, the distribution the rollouts
       were drawn from.
@@ -103,7 +104,7 @@ class LearnerCore:
     """
 
     def __init__(self, model_dir: str, config: TrainConfig, *, rank: int = 0,
-                 world_size: int = 1, device: str = "cpu"):
+                 world_size: int = 1, device: str = "cpu", reference_dir: str | None = None):
         learner = config.learner
         mini_batch_size = learner.mini_batch_prompts * config.rollout.group_size
         _check(_is_int(world_size) and world_size >= 1, "world_size", world_size, "an int >= 1")
@@ -134,7 +135,7 @@ class LearnerCore:
                        shared_prompt=self.shared_prompt)
         self.ref_model = self.ref_policy = None  # kl_coef = 0: no reference model at all
         if self.loss.kl_coef > 0:  # placed (sharded) like the policy, no optimizer
-            self.ref_model = self._load_model(model_dir)
+            self.ref_model = self._load_model(reference_dir or model_dir)
             self.ref_policy = self.strategy.wrap_reference(PolicyLogprobs(self.ref_model,
                                                                           **forward))
         attention = getattr(self.model.config, "_attn_implementation", None) or "eager"

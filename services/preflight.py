@@ -4,10 +4,11 @@
 order a user would fix them: the model directory (``config.json``, weight files, tokenizer),
 the data (shards readable, columns, task names, prompt lengths with the model's tokenizer),
 the output directory (a directory, writable, room for a checkpoint), fixed ports, and the
-memory plan (:mod:`services.plan`: what cannot fit its GPUs or this machine). The first problem raises :class:`PreflightError` naming the
-file, field or row and what to do; nothing on disk is changed (the writability probe creates
-and removes one temporary file). The :class:`~services.controller.Trainer` keeps its own checks,
-since it also runs without the command line.
+memory plan (:mod:`services.plan`: what cannot fit its GPUs or this machine). The first
+problem raises :class:`PreflightError` naming the file, field or row and what to do; nothing
+on disk is changed (the writability probe creates and removes one temporary file). The
+:class:`~services.controller.Trainer` keeps its own checks, since it also runs without the
+command line.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ each decoder layer in the backward pass.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,6 +37,13 @@ class BF16Autocast(torch.nn.Module):
             return self.module(*args, **kwargs)
 
 
+# Buffers (rotary tables) are the same on every rank and never change: no sync in forward.
+# torch 2.13 renamed the knob (the old one warns on every start); older torch has only that.
+_DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
+                   else {"broadcast_buffers": False})
+
+
 @register_strategy("ddp")
 class DDPStrategy(LearnerStrategy):
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
@@ -58,8 +66,7 @@ class DDPStrategy(LearnerStrategy):
             checkpoint_activations(model)
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids,
-                                            broadcast_buffers=False)
+            model = DistributedDataParallel(model, device_ids=device_ids, **_NO_BUFFER_SYNC)
         return self._precision(model)
 
     def wrap_reference(self, model):

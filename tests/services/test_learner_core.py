@@ -134,6 +134,22 @@ def test_compute_logprobs_matches_a_plain_forward(model_dir):
         LearnerCore(model_dir, make_config()).compute_ref_logprobs(batch)
 
 
+def test_a_resumed_learner_keeps_the_initial_model_as_its_kl_reference(model_dir, tmp_path):
+    """On resume the policy comes from the checkpoint, the KL reference from the model the run
+    started from (``reference_dir``): loading both from the checkpoint would reset the KL."""
+    trained = LearnerCore(model_dir, make_config(BATCH, lr=1e-2, kl_coef=0.1))
+    batch = make_batch()
+    batch["old_logprobs"] = trained.compute_logprobs(batch)
+    trained.update(batch, global_batch_size=BATCH)
+    trained.save(tmp_path)
+    resumed = LearnerCore(str(tmp_path), make_config(BATCH, kl_coef=0.1),
+                          reference_dir=model_dir)
+    initial = LearnerCore(model_dir, make_config(BATCH, kl_coef=0.1))
+    assert torch.equal(resumed.compute_ref_logprobs(batch), initial.compute_logprobs(batch))
+    assert torch.equal(resumed.compute_logprobs(batch), trained.compute_logprobs(batch))
+    assert not torch.allclose(resumed.compute_logprobs(batch), initial.compute_logprobs(batch))
+
+
 def test_micro_batching_does_not_change_the_update(model_dir):
     whole = LearnerCore(model_dir, make_config(**COMMON))
     micro = LearnerCore(model_dir, make_config(micro_batch_size=1, **COMMON))
