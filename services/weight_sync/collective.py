@@ -35,7 +35,9 @@ Failures never hang. Members first check in through the store; the driver can *a
 epoch (the pool does when a member of it died), and a member waiting to check in stops at
 once with :class:`SyncAborted`. Once all have checked in, a member that dies mid-broadcast
 closes its connections and the others' broadcast fails; anything else stops at
-``rollout.collective.timeout_s``. The pool then replaces the dead and re-issues to the rest
+``rollout.collective.timeout_s`` — including a member that dies in the short window between
+check-in and the group's formation (gloo's connect cannot be aborted: the others wait the
+time-out, then the pool retries). The pool then replaces the dead and re-issues to the rest
 (:meth:`services.rollout.pool.RolloutPool.sync`), so each worker loads the version once.
 """
 
@@ -305,6 +307,7 @@ class CollectiveSync(WeightSync):
         _check_in(store, rdv, 0)
         t2 = time.perf_counter()
         member = _Member(store, rdv, 0)
+        store.add("formed", 1)  # the group is up (a count for tests and debugging)
         for bucket in sent.buckets:
             member.broadcast(bucket)
         member.close()
@@ -340,7 +343,9 @@ class CollectiveSync(WeightSync):
                                f"workers, and a {rank}th joined")
         _check_in(store, rdv, rank)  # the source wrote the layout before it checked in
         layout = json.loads(store.get("layout"))
-        return layout, _Member(store, rdv, rank)
+        member = _Member(store, rdv, rank)
+        store.add("formed", 1)
+        return layout, member
 
     def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
         layout, member = self._join(handle)
