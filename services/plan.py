@@ -55,6 +55,9 @@ def read_shape(model_dir: str | Path, trust_remote_code: bool = False
     from transformers import AutoConfig
 
     path = Path(model_dir)
+    if not (path / "config.json").is_file():  # else transformers reads the path as a hub id
+        raise PlanError(f"cannot read the model's shape: {path / 'config.json'} does not exist "
+                        f"(model.path, or a checkpoint's model/ directory)")
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                             local_files_only=True)

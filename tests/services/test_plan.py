@@ -234,6 +234,14 @@ def test_model_configs_that_cannot_be_planned(qwen7b, tmp_path, capsys):
                 update={"strategy": "zero3"})}), ModelShape(1, 1, 1, 1, 1, 1, 1, True))
 
 
+def test_a_model_directory_without_config_json_is_named(tmp_path, capsys):
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    with pytest.raises(PlanError, match=r"cannot read the model's shape: .*no-model/config\.json "
+                                        r"does not exist \(model\.path"):
+        read_shape(empty)
+
+
 def test_train_prints_the_plan_and_cpu_runs_are_checked_against_this_machine(
         tiny_assets, tmp_path, capsys):
     """A CPU configuration: no GPU figure, each actor against this machine's memory."""
