@@ -2,11 +2,6 @@
 the meta device, writes its config and tokenizer, and validates the run configuration with
 harpo's own loader. The GPU run itself has not happened (no GPU here); this checks that what
 it would start is well-formed.
-
-The configuration names `learner.strategy: fsdp2` and `rollout.weight_sync: collective`, whose
-implementations land from other branches of issue 16. Until both are in this tree, the loader
-refuses exactly those two names: the test then checks that nothing else is refused and reports
-xfail, and it becomes a plain pass (or a real failure) once they are merged.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu-smoke.sh"
-PENDING = {"learner.strategy": "fsdp2", "rollout.weight_sync": "collective"}
 
 
 def _helper():
@@ -31,26 +25,6 @@ def _helper():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _pending_plugins() -> dict[str, str]:
-    """Those of the config's plugin names that this tree does not have yet."""
-    from services.learner_strategies import STRATEGIES
-    from services.weight_sync import WEIGHT_SYNCS
-
-    have = {"learner.strategy": STRATEGIES.available(),
-            "rollout.weight_sync": WEIGHT_SYNCS.available()}
-    return {field: name for field, name in PENDING.items() if name not in have[field]}
-
-
-def _with_todays_plugins(config: dict) -> dict:
-    config = json.loads(json.dumps(config))
-    pending = _pending_plugins()
-    if "learner.strategy" in pending:
-        config["learner"]["strategy"] = "ddp"
-    if "rollout.weight_sync" in pending:
-        config["rollout"]["weight_sync"] = "object_store"
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +83,6 @@ def _numel(shape) -> int:
 
 
 def test_dry_run_config_is_the_gpu_path_and_valid(dry_run):
-    from services.config import load_config_text
-
     out, done = dry_run
     text = (out / "smoke.yaml").read_text()
     config = yaml.safe_load(text)
@@ -124,18 +96,8 @@ def test_dry_run_config_is_the_gpu_path_and_valid(dry_run):
     assert learner["logprob_chunk_tokens"] and learner["micro_batch_tokens"]
     assert (config["rollout"]["gpus_per_worker"], learner["workers"],
             learner["gpus_per_worker"]) == (1.0, 2, 1.0)  # 4 GPUs: 1 engine, 2 learner ranks
-    pending = _pending_plugins()
-    if not pending:
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "is valid" in done.stdout
-        return
-    # refused for the pending names only; everything else validates
-    assert done.returncode == 2, done.stdout + done.stderr
-    refused = [line.strip()[2:].split(":")[0] for line in done.stderr.splitlines()
-               if line.strip().startswith("- ")]
-    assert sorted(refused) == sorted(pending), done.stderr
-    load_config_text(yaml.safe_dump(_with_todays_plugins(config)), "smoke.yaml", out)
-    pytest.xfail(f"{pending} not in this tree yet (other branches of issue 16)")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "is valid" in done.stdout
 
 
 @pytest.mark.parametrize("gpus, learners", [(1, 1), (2, 1), (3, 2), (8, 4), (16, 8)])
@@ -147,7 +109,7 @@ def test_layouts_for_any_gpu_count_validate(gpus, learners, tmp_path):
     assert config["learner"]["workers"] == learners
     used = config["rollout"]["gpus_per_worker"] + learners * config["learner"]["gpus_per_worker"]
     assert used <= gpus
-    load_config_text(yaml.safe_dump(_with_todays_plugins(config)), "smoke.yaml", tmp_path)
+    load_config_text(yaml.safe_dump(config), "smoke.yaml", tmp_path)
 
 
 def test_refuses_to_train_without_a_gpu(tmp_path):
