@@ -49,6 +49,13 @@ def backend_options(config: TrainConfig) -> dict:
     r = config.rollout
     # every backend: the GPUs its worker asked Ray for, and whether it sleeps during updates
     placement = {"gpus": r.gpus_per_worker, "colocate": r.colocate}
+    if config.data.format == "hba":  # media prompts: the worker decodes as the learner does
+        from dataclasses import asdict
+
+        from services.media_data import media_limits
+
+        placement["media"] = {"limits": asdict(media_limits(config.data)),
+                              "cache_bytes": config.data.media_cache_mb * 2**20}
     section = getattr(r, r.backend, None)
     if section is None:
         return placement

@@ -37,6 +37,7 @@ from services.checkpoint_store import CheckpointStore, Uploader, latest_checkpoi
 from services.config import TrainConfig
 from services.endpoints import Endpoints
 from services.learner import LearnerFailure
+from services.model_loading import copy_processor_files
 from services.prefetch import Prefetcher
 from services.progress import StepProgress
 from services.prompts import TokenizedPrompts
@@ -130,12 +131,14 @@ class Trainer:
             model_dir = str(checkpoint / "model")
             estimator_state = read_estimator_state(checkpoint)
         self._check_model(model_dir)
+        self._model_dir = model_dir  # the processor's files are copied from it to checkpoints
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.train = TokenizedPrompts.build(config, self.tokenizer, config.data.train_split)
+        self._share_media(self.train, model_dir)
         self.sampler = TaskStratifiedSampler(self.train.prompts, seed=config.run.seed)
         if checkpoint is not None:
             self.sampler.load_state_dict(json.loads((checkpoint / "sampler.json").read_text()))
@@ -150,6 +153,19 @@ class Trainer:
             self.actors.learners.load(str(checkpoint / "model"), self.version)
         self.chunk_prompts = config.rollout.prompts_per_request or -(
             -config.data.prompts_per_step // config.rollout.workers)
+
+    def _share_media(self, prompts: TokenizedPrompts, model_dir: str) -> None:
+        """Prompts with media: refuse a model that cannot take them, then put the split's
+        media table in the object store once; requests and learners carry its ref."""
+        if not prompts.media_used:
+            return
+        import ray
+
+        from services.media_inputs import MediaRows
+        from services.model_loading import check_media_supported
+
+        check_media_supported(model_dir, prompts.media_used)
+        prompts.media_ref = ray.put(MediaRows.of(prompts.prompts))
 
     @property
     def train_set(self):
@@ -195,7 +211,7 @@ class Trainer:
             self.actors.before_update()  # rollout.colocate: the engines free the GPU
             learner = self.actors.learners.update(
                 step, rollouts.shards, advantages.keyed(rollouts.summary["rollout_id"]),
-                self.pad_id)
+                self.pad_id, media=self.train.media_ref)
         self.version += 1
         self.completed_steps += 1
         self.weight_sync_failures += sync.failures
@@ -376,6 +392,7 @@ class Trainer:
         def write(tmp: Path) -> None:
             self.actors.learners.save(str(tmp / "model"))
             self.tokenizer.save_pretrained(str(tmp / "model"))
+            copy_processor_files(self._model_dir, tmp / "model")  # a multimodal model's
             write_json(tmp / ESTIMATOR_STATE, estimator_state)
             write_json(tmp / "sampler.json", sampler)
             write_json(tmp / "trainer.json", {"completed_steps": self.completed_steps,
@@ -412,6 +429,7 @@ class Trainer:
             raise ValueError(f"{samples} samples per prompt need a temperature > 0")
         if self._eval is None or self._eval_key != (split, per_task):
             self._eval = TokenizedPrompts.build(cfg, self.tokenizer, split, per_task)
+            self._share_media(self._eval, self._model_dir)
             self._eval_key = (split, per_task)
         self.prefetch.settle()
         self.actors.sync_weights(self.version)  # the pool may still serve an older version

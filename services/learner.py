@@ -65,6 +65,8 @@ class Learner:
         self.max_staleness = config.rollout.max_staleness  # versions a batch may lag
         self.core: LearnerCore | None = None
         self.version = 0
+        self.model_dir: str | None = None
+        self._media_rows: tuple = (None, None)  # (ObjectRef, MediaRows) of the train split
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -93,15 +95,18 @@ class Learner:
                                 world_size=self.world_size, device=device,
                                 reference_dir=str(self.train_config.model.path))
         self.version = version
+        self.model_dir = model_dir
         return os.getpid()
 
     def update(self, step: int, shard_refs: list, advantages: np.ndarray,
-               pad_id: int) -> dict:
+               pad_id: int, media=None) -> dict:
         """One policy update on this rank's shards of the step's scored rollout batches.
 
         ``shard_refs``: this rank's shard of every request, in request order.
         ``advantages[k]``: the advantage of the rollout whose ``rollout_id`` is ``k``; its
         length is the number of rollouts in the step (all ranks together).
+        ``media``: the ObjectRef of the split's MediaRows when its prompts have media; each
+        prompt's tensors are rebuilt here from ``prompt_index`` (no pixels in the batch).
         """
         t0 = time.perf_counter()
         batches = ray.get(shard_refs)
@@ -127,9 +132,14 @@ class Learner:
                 f"{self.rank}) of the {rows} rollouts that have advantages")
         tensors = to_learner_tensors(table, pad_id)
         tensors["advantages"] = torch.tensor(advantages[ids], dtype=torch.float32)
+        prompt_media = None
+        if media is not None:
+            prompt_media = self._prompt_media(media, table)
+            tensors["prompt_index"] = torch.from_numpy(
+                table.column("prompt_index").to_numpy().astype(np.int64))
         fetch = time.perf_counter() - t0
         metrics = self.core.update(tensors, global_batch_size=rows,
-                                   check_mismatch=staleness == 0)
+                                   check_mismatch=staleness == 0, media=prompt_media)
         self.version += 1
         metrics["staleness"] = staleness
         metrics["fetch_s"] = fetch
@@ -137,6 +147,20 @@ class Learner:
         metrics["batch_rows"] = float(rows)
         metrics["update_s"] = time.perf_counter() - t0 - fetch
         return metrics
+
+    def _prompt_media(self, media, table: pa.Table) -> dict:
+        """The media tensors of the batch's prompts (see :mod:`services.learner_media`)."""
+        from services.learner_media import update_media
+        from services.media_data import media_limits
+        from services.media_inputs import MediaInputs
+
+        if self.core.media_inputs is None:
+            d = self.train_config.data
+            self.core.media_inputs = MediaInputs(self.model_dir, media_limits(d),
+                                                 d.media_cache_mb * 2**20)
+        if self._media_rows[0] != media.hex():
+            self._media_rows = (media.hex(), ray.get(media))
+        return update_media(self.core.media_inputs, self._media_rows[1], table)
 
     def send_weights(self, transport: str, *args):
         """This rank's part of publishing the weights through weight sync ``transport``."""
@@ -213,7 +237,7 @@ class LearnerGroup:
             raise
 
     def update(self, step: int, shards: list[list], advantages: np.ndarray,
-               pad_id: int) -> dict:
+               pad_id: int, media=None) -> dict:
         """One update on every rank; metrics are all-reduced, so rank 0's stand for all
         (except ``fetch_bytes``, each rank's own: see :attr:`rank_metrics`).
 
@@ -228,7 +252,7 @@ class LearnerGroup:
             raise ValueError(f"{len(shards)} shards for {self.world_size} learner ranks: the "
                              f"rollout pool must cut batches for learner.workers ranks")
         advantages_ref = ray.put(np.asarray(advantages, dtype=np.float64))
-        refs = [learner.update.remote(step, shards[rank], advantages_ref, pad_id)
+        refs = [learner.update.remote(step, shards[rank], advantages_ref, pad_id, media)
                 for rank, learner in enumerate(self.learners)]
         waiting = list(refs)
         while waiting:

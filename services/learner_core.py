@@ -34,14 +34,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-
 from harpo_core.losses import policy_loss
 from harpo_core.micro_batches import plan_micro_batches, split_to_count
 from services.learner_forward import PolicyLogprobs
 from services.learner_mismatch import MismatchGaps, learner_mismatch_rule
 from services.learner_optim import make_optimizer
 from services.learner_strategies import make_strategy
+from services.model_loading import load_model
 
 if TYPE_CHECKING:
     from services.config import TrainConfig
@@ -149,17 +148,22 @@ class LearnerCore:
         self.token_stats = TOKEN_STATS + (TIS_STATS if self.loss.tis_cap is not None else ())
         self.train_model = self.strategy.wrap(self.policy)
         self.optimizer, self.scheduler = make_optimizer(self.model, config)
+        # prompts with media (services.learner_media): the builder that adds what the model
+        # derives from the ids, and the media tensors of this update's prompts by row index
+        self.media_inputs = None
+        self._media: dict[int, dict] = {}
 
     def _load_model(self, model_dir):
         """fp32 on CPU: the strategy moves (or shards) it onto the device."""
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return load_model(model_dir, dtype=torch.float32).eval()
 
     # ----------------------------------------------------------------- log-probs
 
     def _forward(self, policy, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Token log-probs ``[B, T]`` (valid on ``response_mask``) and the entropy ``[N]`` of
         each distribution that predicted a response token (rows in order, tokens in order)."""
-        return policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        return policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                      **batch.get("media", {}))
 
     def _micro_batches(self, batch, max_rows, *, ranks_agree: bool = False) -> list[dict]:
         """``batch`` cut into micro-batches of at most ``max_rows`` rows and, with
@@ -167,6 +171,10 @@ class LearnerCore:
         longest row (rows stay in order; a longer row goes alone). ``ranks_agree`` (every
         rank calls it): as many micro-batches on every rank."""
         n = len(batch["input_ids"])
+        if self._media and "prompt_index" in batch:  # prompts with media: one per micro-batch
+            from services.learner_media import media_micro_batches
+
+            return media_micro_batches(self, batch, max_rows, ranks_agree=ranks_agree)
         if self.micro_batch_tokens is None:
             size = max_rows or n
             return [{k: v[start:start + size] for k, v in batch.items()}
@@ -206,14 +214,16 @@ class LearnerCore:
             if responses_only:
                 logprobs = self._forward(policy, micro)[0]
             else:
-                logprobs = policy(micro["input_ids"], micro["attention_mask"])[0]
+                logprobs = policy(micro["input_ids"], micro["attention_mask"],
+                                  **micro.get("media", {}))[0]
             chunks.append(F.pad(logprobs, (0, width - logprobs.shape[1])))
         return torch.cat(chunks)
 
     # -------------------------------------------------------------------- update
 
     def update(self, batch: dict[str, torch.Tensor], *, global_batch_size: int,
-               check_mismatch: bool = True) -> dict[str, float]:
+               check_mismatch: bool = True, media: dict[int, dict] | None = None
+               ) -> dict[str, float]:
         """Run ``ppo_epochs`` passes of mini-batch steps over this rank's share of the batch.
 
         ``batch`` is this rank's slice (:func:`shard_batch`) of a global batch of
@@ -226,8 +236,18 @@ class LearnerCore:
         ``check_mismatch=False`` is for rollouts of an older policy version (asynchronous
         mode): their log-probs differ from the learner's by the updates since, so the gap is
         still measured but is not an error.
+
+        ``media`` (prompts with media): the media tensors of each prompt row that has any,
+        keyed by ``batch["prompt_index"]`` (:mod:`services.learner_media`).
         """
         batch = self._check_batch(batch, global_batch_size)
+        self._media = media or {}
+        try:
+            return self._update(batch)
+        finally:
+            self._media = {}
+
+    def _update(self, batch):
         with torch.no_grad():
             if self.ref_model is not None:
                 batch["ref_logprobs"] = self._logprobs(self.ref_policy, batch, None,
@@ -273,7 +293,8 @@ class LearnerCore:
             "global_batch_size", global_batch_size,
             f"local batch {shape[0]} x world_size {self.world_size} = {shape[0] * self.world_size}",
         )
-        return {key: batch[key].to(self.device) for key in BATCH_KEYS}
+        keys = BATCH_KEYS + (("prompt_index",) if "prompt_index" in batch else ())
+        return {key: batch[key].to(self.device) for key in keys}
 
     def _global_sum(self, values: torch.Tensor, op=None) -> torch.Tensor:
         if self.world_size > 1:

@@ -25,11 +25,16 @@ Either way rows of a GRPO group can share their prompt's pass (``shared_prompt``
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from harpo_core.logprobs import chunked_logprobs
 from harpo_core.losses import token_entropy, token_logprobs
 from harpo_core.packing import shared_prompt_forward, shared_prompt_hidden
+
+log = logging.getLogger(__name__)
+_MEDIA_UNPACKED_LOGGED = False  # the packing-off notice for media rows: once per process
 
 
 class PolicyLogprobs(torch.nn.Module):
@@ -63,12 +68,44 @@ class PolicyLogprobs(torch.nn.Module):
                 f"head of the hidden states; {type(self.model).__name__} has "
                 f"{post or type(head).__name__}: set learner.logprob_chunk_tokens: null")
 
-    def forward(self, input_ids, attention_mask, response_mask=None):
+    def forward(self, input_ids, attention_mask, response_mask=None, **media):
+        """``media``: the model's media inputs for these rows (pixel values, grids, audio
+        features and masks); the model then computes its own M-RoPE positions, so these rows
+        run unpacked and through the full head (see :meth:`_media`)."""
+        if media:
+            return self._media(input_ids, attention_mask, response_mask, media)
         if response_mask is None:
             return self._every_position(input_ids, attention_mask), None
         if self.chunk_tokens is None:
             return self._full(input_ids, attention_mask, response_mask)
         return self._chunked(input_ids, attention_mask, response_mask)
+
+    def _media(self, input_ids, attention_mask, response_mask, media):
+        """Rows whose prompt has media: one plain forward pass with the media tensors and no
+        position ids of ours. Shared-prompt packing restarts 1-D positions per response, but
+        a multimodal model's M-RoPE positions (time, height, width per token, with text after
+        the media offset by the grids) come from its own ``get_rope_index`` over the whole
+        row; packing is therefore off for these rows (said once per process)."""
+        global _MEDIA_UNPACKED_LOGGED
+        if self.chunk_tokens is not None:
+            raise ValueError("learner.logprob_chunk_tokens does not support prompts with media "
+                             "(the chunked head runs the text decoder alone, without the "
+                             "media towers): set learner.logprob_chunk_tokens: null")
+        if self.shared_prompt and not _MEDIA_UNPACKED_LOGGED:
+            _MEDIA_UNPACKED_LOGGED = True
+            log.warning("learner.shared_prompt_forward is off for prompts with media: packed "
+                        "rows would need M-RoPE positions per response, which the model "
+                        "computes only for a whole row; those rows run unpacked")
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **media).logits
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        logprobs = token_logprobs(logits, input_ids)
+        if response_mask is None:
+            return logprobs, None
+        predicting = logits[:, :-1][response_mask[:, 1:].bool()]
+        with torch.no_grad():
+            entropy = token_entropy(predicting.detach()[None])[0]
+        return logprobs, entropy
 
     # ---------------------------------------------------------- all logits at once
 

@@ -62,16 +62,12 @@ def video_patches(frames: np.ndarray, image_processor) -> tuple[np.ndarray, np.n
 QWEN2_VL_MEDIA_TOKENS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
 
 
-def omni_inputs(tokenizer, image_processor, feature_extractor, text: str, *,
-                images=(), audios=(), videos=(), video_fps: float = 2.0,
-                tokens: dict[str, str] = MEDIA_TOKENS, mm_token_type_ids: bool = False) -> dict:
-    """Batch-of-one model inputs (``input_ids``, ``attention_mask`` and the media tensors the
-    thinker's forward takes) for ``text`` holding one placeholder per media item, in order.
-    ``tokens`` names the placeholders (Qwen2-VL: :data:`QWEN2_VL_MEDIA_TOKENS`, no audio;
-    its forward takes no ``video_second_per_grid``: drop it, and it needs
-    ``mm_token_type_ids=True``: 1 image, 2 video, 3 audio, 0 text per token, for its M-RoPE)."""
+def media_tensors(image_processor, feature_extractor, *, images=(), audios=(), videos=(),
+                  video_fps: float = 2.0) -> tuple[dict, dict[str, list[int]]]:
+    """The media tensors of one prompt (what the thinker's forward takes besides the ids) and
+    the number of placeholder tokens each item expands to: ``counts[kind][i]``."""
     out: dict = {}
-    merge = image_processor.merge_size ** 2
+    merge = image_processor.merge_size ** 2 if image_processor is not None else 4
     counts: dict[str, list[int]] = {"image": [], "audio": [], "video": []}
     if len(images):
         pix = image_processor(images=list(images), return_tensors="pt")
@@ -92,6 +88,19 @@ def omni_inputs(tokenizer, image_processor, feature_extractor, text: str, *,
         out["video_second_per_grid"] = torch.full(
             (len(parts),), image_processor.temporal_patch_size / video_fps)
         counts["video"] = [int(g.prod()) // merge for _, g in parts]
+    return out, counts
+
+
+def omni_inputs(tokenizer, image_processor, feature_extractor, text: str, *,
+                images=(), audios=(), videos=(), video_fps: float = 2.0,
+                tokens: dict[str, str] = MEDIA_TOKENS, mm_token_type_ids: bool = False) -> dict:
+    """Batch-of-one model inputs (``input_ids``, ``attention_mask`` and the media tensors the
+    thinker's forward takes) for ``text`` holding one placeholder per media item, in order.
+    ``tokens`` names the placeholders (Qwen2-VL: :data:`QWEN2_VL_MEDIA_TOKENS`, no audio;
+    its forward takes no ``video_second_per_grid``: drop it, and it needs
+    ``mm_token_type_ids=True``: 1 image, 2 video, 3 audio, 0 text per token, for its M-RoPE)."""
+    out, counts = media_tensors(image_processor, feature_extractor, images=images,
+                                audios=audios, videos=videos, video_fps=video_fps)
     for kind, token in tokens.items():
         found = text.count(token)
         if found != len(counts[kind]):

@@ -8,7 +8,7 @@ produces the same rollouts however many workers serve it and whichever of them f
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,6 +62,10 @@ class TokenizedPrompts:
     prompts: PromptSet
     token_ids: list[list[int] | None]  # one entry per prompt; None where not tokenized
     rows: np.ndarray  # the tokenized rows, in task order
+    # rows per media kind that carry it ({} for text-only data); and, once the driver has put
+    # the split's media in the object store (Trainer), the ObjectRef of its MediaRows
+    media_used: dict[str, int] = field(default_factory=dict)
+    media_ref: object = None
 
     @classmethod
     def build(cls, config: TrainConfig, tokenizer, split: str,
@@ -73,12 +77,21 @@ class TokenizedPrompts:
         if per_task is not None:
             rows = np.concatenate([prompts.indices_of_task(c)[:per_task]
                                    for c in range(len(prompts.task_names))])
-        ids = tokenize_prompts(tokenizer, [prompts.prompts[i] for i in rows])
+        media = None
+        used: dict[str, int] = {}
+        if prompts.media is not None:  # placeholders for the media (expanded by the worker)
+            from services.media_inputs import media_counts
+
+            counts = media_counts(prompts)
+            media = [counts[i] for i in rows]
+            for kind in ("image", "audio", "video"):
+                used[kind] = sum(1 for c in counts if c.get(kind))
+        ids = tokenize_prompts(tokenizer, [prompts.prompts[i] for i in rows], media)
         check_prompt_lengths(ids, config.data.max_prompt_tokens, split)
         token_ids: list[list[int] | None] = [None] * len(prompts)
         for i, t in zip(rows, ids):
             token_ids[i] = t
-        return cls(prompts, token_ids, rows)
+        return cls(prompts, token_ids, rows, {k: n for k, n in used.items() if n})
 
     def requests(self, indices: np.ndarray, *, step: int, version: int, seed: int,
                  seed_tag: str, chunk_prompts: int) -> list[RolloutRequest]:
@@ -100,6 +113,7 @@ class TokenizedPrompts:
                 task_types=p.task_types,
                 answers=[p.answers[i] for i in indices[c]],
                 prompt_ids=[self.token_ids[i] for i in indices[c]],
+                media=self.media_ref,
             )
             for k, c in enumerate(chunks)
         ]

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoModelForCausalLM
 
 from services.learner_strategies import LearnerStrategy, register_strategy
 from services.learner_strategies._model_parts import checkpoint_activations, hf_model, hf_state_dict
@@ -95,7 +94,9 @@ class DDPStrategy(LearnerStrategy):
 
         check_saved_strategy(directory, self.name)
         _, hf = hf_model(model)
-        saved = AutoModelForCausalLM.from_pretrained(str(Path(directory)), dtype=torch.float32)
+        from services.model_loading import load_model
+
+        saved = load_model(Path(directory), dtype=torch.float32)  # the multimodal class too
         with torch.no_grad():  # in place: the optimizer and DDP keep their parameters
             hf.load_state_dict(saved.state_dict())
         load_optimizer_state(optimizer, scheduler, directory)

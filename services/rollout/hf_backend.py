@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
     StoppingCriteria,
@@ -13,6 +12,7 @@ from transformers import (
     StopStringCriteria,
 )
 
+from services.model_loading import load_model
 from services.rollout.backend import Generation, SamplingParams, resolve_eos_ids
 from services.rollout.registry import register_backend
 
@@ -54,7 +54,7 @@ class HFBackend:
         self.device = torch.device(device)
         self.shared_prefill = shared_prefill
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        self.model = load_model(model_dir, dtype=dtype)  # the multimodal class where needed
         self.model.to(self.device).eval()
         self.eos_ids = resolve_eos_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         pad = self.tokenizer.pad_token_id
@@ -94,14 +94,20 @@ class HFBackend:
             mask[i, width - len(p):] = 1
         input_ids = torch.from_numpy(ids).repeat_interleave(params.n, dim=0).to(self.device)
         attention = torch.from_numpy(mask).repeat_interleave(params.n, dim=0).to(self.device)
-        greedy = params.temperature == 0
-        stops = None
-        if params.stop:
-            stops = _FirstStop(self.tokenizer, params.stop, width)
         cache = None
         if self.shared_prefill and params.n > 1 and width > 1:
             cache = self._prompt_cache(torch.from_numpy(ids), torch.from_numpy(mask), params.n)
         torch.manual_seed(seed)
+        return Generation(*self._sample(input_ids, attention, params, cache))
+
+    def _sample(self, input_ids, attention, params: SamplingParams, cache, **media):
+        """``generate`` from left-padded ``input_ids`` (the ``n`` copies of every prompt in
+        turn); returns (token ids, log-probs, lengths, stopped) of the responses."""
+        width = input_ids.shape[1]
+        greedy = params.temperature == 0
+        stops = None
+        if params.stop:
+            stops = _FirstStop(self.tokenizer, params.stop, width)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
@@ -116,6 +122,7 @@ class HFBackend:
             stopping_criteria=StoppingCriteriaList([stops] if stops is not None else []),
             output_logits=True,
             return_dict_in_generate=True,
+            **media,
         )
         new = out.sequences[:, width:]  # [B*n, T]
         logits = torch.stack(out.logits, dim=1).float()  # [B*n, T, V], before any processing
@@ -132,8 +139,29 @@ class HFBackend:
             ends = stops.ends.cpu().numpy()
             lengths = np.where(ends > 0, np.minimum(lengths, ends), lengths)
             stopped |= ends > 0
-        return Generation(token_ids=new, logprobs=logprobs.cpu().numpy().astype(np.float32),
-                          lengths=lengths, stopped=stopped)
+        return new, logprobs.cpu().numpy().astype(np.float32), lengths, stopped
+
+    @torch.no_grad()
+    def generate_media(self, prompts: list, params: SamplingParams, seed: int
+                       ) -> tuple[Generation, list[list[int]]]:
+        """Generate for prompts with media (``services.media_inputs.MediaPrompt``), one prompt
+        at a time: its ``n`` copies share one ``generate`` call with the media tensors
+        repeated per copy, and the model computes its own M-RoPE positions from the ids and
+        the grids (no shared prefill: its cached positions would need the rope offsets).
+        Returns the generation and the expanded prompt ids the model saw."""
+        from services.media_inputs import repeat_media
+
+        n = params.n
+        parts: list[Generation] = []
+        torch.manual_seed(seed)  # once: the prompts then draw in order, as a batch would
+        for prompt in prompts:
+            ids = torch.tensor([prompt.expanded], dtype=torch.long, device=self.device)
+            media = {k: v.to(self.device) for k, v in prompt.inputs.items()}
+            media = repeat_media(media, n)
+            flat = Generation(*self._sample(ids.repeat(n, 1), torch.ones_like(ids).repeat(n, 1),
+                                            params, None, **media))
+            parts.append(flat)
+        return _concat_generations(parts, self.pad_id), [p.expanded for p in prompts]
 
     def _prompt_cache(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> DynamicCache:
         """KV cache of every left-padded prompt but its last token, repeated ``n`` times:
@@ -161,3 +189,14 @@ class HFBackend:
 
     def shutdown(self) -> None:
         """Nothing to release: the model is ordinary process memory."""
+
+
+def _concat_generations(parts: list[Generation], pad_id: int) -> Generation:
+    """Generations of consecutive prompts as one, right-padded to the longest response."""
+    width = max(p.token_ids.shape[1] for p in parts)
+    pad = lambda a, value: np.pad(a, ((0, 0), (0, width - a.shape[1])),  # noqa: E731
+                                  constant_values=value)
+    return Generation(token_ids=np.concatenate([pad(p.token_ids, pad_id) for p in parts]),
+                      logprobs=np.concatenate([pad(p.logprobs, 0.0) for p in parts]),
+                      lengths=np.concatenate([p.lengths for p in parts]),
+                      stopped=np.concatenate([p.stopped for p in parts]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ class RolloutRequest:
     task_types: tuple[str, ...]  # type of each task code
     answers: list[str]  # [P]
     prompt_ids: list[list[int]]  # [P] chat-templated prompt tokens
+    # ObjectRef of the split's MediaRows (services.media_inputs) when its prompts have media:
+    # the worker reads rows prompt_indices from it; None for text-only data
+    media: object = None
 
 
 def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type) -> pa.ListArray:
@@ -97,11 +101,15 @@ class RolloutWorker:
     def __init__(self, name: str, backend: str, model_dir: str, params: SamplingParams,
                  torch_threads: int = 1, options: dict | None = None,
                  initial_version: int = 0, weight_sync: str = "object_store"):
-        options = options or {}
+        options = dict(options or {})
+        self._media_options = options.pop("media", None)  # data.format hba: decode bounds
+        self._media = None  # MediaInputs, built at the first request with media
+        self._media_rows: tuple = (None, None)  # (ObjectRef, MediaRows) of the last split
         if not options.get("gpus"):
             cpu_only()  # rollout.gpus_per_worker 0: no GPU, even where one is visible
         torch.set_num_threads(torch_threads)
         self.name = name
+        self.model_dir = model_dir
         self.params = params
         self.backend = make_backend(backend, model_dir, options)
         if options.get("colocate") and not all(hasattr(self.backend, m)
@@ -156,10 +164,50 @@ class RolloutWorker:
             )
         params = params or self.params
         self._wake()
-        gen = self.backend.generate(request.prompt_ids, params, seed=request.seed)
+        if request.media is not None:
+            gen, prompt_ids = self._generate_media(request, params)
+            request = dataclasses.replace(request, prompt_ids=prompt_ids)
+        else:
+            gen = self.backend.generate(request.prompt_ids, params, seed=request.seed)
         keep = np.arange(gen.token_ids.shape[1])[None, :] < gen.lengths[:, None]
         texts = self.backend.decode([row[m].tolist() for row, m in zip(gen.token_ids, keep)])
         return build_batch(request, gen, texts, params.n, self.name)
+
+    def _generate_media(self, request: RolloutRequest, params: SamplingParams
+                        ) -> tuple[Generation, list[list[int]]]:
+        """Generate for prompts with media: each row's media are read from the split's shared
+        table, decoded (cached) and processed here; returns the generation and the prompt ids
+        the model saw (placeholders expanded), which go into the rollout batch."""
+        from harpo_core.media import MediaLimits
+        from services.media_inputs import MediaInputs, MediaPrompt
+
+        generate = getattr(self.backend, "generate_media", None)
+        if generate is None:
+            raise ValueError(f"rollout backend {type(self.backend).__name__} cannot generate "
+                             f"for prompts with media; use rollout.backend: hf")
+        if self._media is None:
+            opts = self._media_options or {}
+            self._media = MediaInputs(self.model_dir, MediaLimits(**opts.get("limits", {})),
+                                      opts.get("cache_bytes", 256 * 2**20))
+        if self._media_rows[0] != request.media.hex():  # once per split, not per request
+            self._media_rows = (request.media.hex(), ray.get(request.media))
+        rows = self._media_rows[1]
+        prompts = []
+        for index, ids in zip(request.prompt_indices.tolist(), request.prompt_ids):
+            tensors, counts = self._media.tensors(rows, index)
+            expanded = self._media.expand(ids, counts) if counts else list(ids)
+            prompts.append(MediaPrompt(
+                ids=list(ids), expanded=expanded,
+                inputs=self._media.model_kwargs(torch.tensor([expanded]), tensors),
+                decoded=self._media.decoded(rows, index) if counts else {}))
+        gen, seen = generate(prompts, params, seed=request.seed)
+        return gen, seen
+
+    def media_stats(self) -> dict:
+        """Media decoding in this worker: cache hits / misses and seconds spent."""
+        m = self._media
+        return {} if m is None else {"hits": m.cache.hits, "misses": m.cache.misses,
+                                     "decode_s": m.decode_s}
 
     def shutdown(self) -> None:
         self.backend.shutdown()
