@@ -168,6 +168,15 @@ class Trainer:
         prompts.media_ref = ray.put(MediaRows.of(prompts.prompts))
 
     @property
+    def task_modality(self) -> dict[str, str]:
+        """Each training task's modality signature (several joined by ``|``) for data with
+        media; {} for text-only data, whose metric rows stay as they were."""
+        if not self.train.media_used:
+            return {}
+        counts = self.train.prompts.modality_counts()
+        return {task: "|".join(sorted(per_task)) for task, per_task in counts.items()}
+
+    @property
     def train_set(self):
         return self.train.prompts
 
@@ -272,6 +281,8 @@ class Trainer:
                 except CapacityTimeout as exc:
                     self._stop_for_capacity(exc, before)
                 row = metrics_row(record)
+                if self.task_modality:  # data with media: each task's modality signature
+                    row["modality"] = self.task_modality
                 self.run_dir.append_metrics(row)
                 self.endpoints.record_step(record, row)
                 self.control.after_step(row, record.modulation)

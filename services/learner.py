@@ -105,7 +105,7 @@ class Learner:
         ``shard_refs``: this rank's shard of every request, in request order.
         ``advantages[k]``: the advantage of the rollout whose ``rollout_id`` is ``k``; its
         length is the number of rollouts in the step (all ranks together).
-        ``media``: the ObjectRef of the split's MediaRows when its prompts have media; each
+        ``media``: ``[ObjectRef]`` of the split's MediaRows when its prompts have media; each
         prompt's tensors are rebuilt here from ``prompt_index`` (no pixels in the batch).
         """
         t0 = time.perf_counter()
@@ -134,7 +134,7 @@ class Learner:
         tensors["advantages"] = torch.tensor(advantages[ids], dtype=torch.float32)
         prompt_media = None
         if media is not None:
-            prompt_media = self._prompt_media(media, table)
+            prompt_media = self._prompt_media(media[0], table)
             tensors["prompt_index"] = torch.from_numpy(
                 table.column("prompt_index").to_numpy().astype(np.int64))
         fetch = time.perf_counter() - t0
@@ -252,6 +252,7 @@ class LearnerGroup:
             raise ValueError(f"{len(shards)} shards for {self.world_size} learner ranks: the "
                              f"rollout pool must cut batches for learner.workers ranks")
         advantages_ref = ray.put(np.asarray(advantages, dtype=np.float64))
+        media = None if media is None else [media]  # nested: Ray passes the ref, unresolved
         refs = [learner.update.remote(step, shards[rank], advantages_ref, pad_id, media)
                 for rank, learner in enumerate(self.learners)]
         waiting = list(refs)

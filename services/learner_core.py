@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from harpo_core.losses import policy_loss
 from harpo_core.micro_batches import plan_micro_batches, split_to_count
 from services.learner_forward import PolicyLogprobs
@@ -243,11 +244,11 @@ class LearnerCore:
         batch = self._check_batch(batch, global_batch_size)
         self._media = media or {}
         try:
-            return self._update(batch)
+            return self._update(batch, check_mismatch)
         finally:
             self._media = {}
 
-    def _update(self, batch):
+    def _update(self, batch, check_mismatch):
         with torch.no_grad():
             if self.ref_model is not None:
                 batch["ref_logprobs"] = self._logprobs(self.ref_policy, batch, None,

@@ -67,6 +67,7 @@ class MediaPrompt:
     expanded: list[int]
     inputs: dict
     decoded: dict
+    sample_rate: int = 16_000  # of the decoded audio
 
 
 def media_counts(prompts: PromptSet) -> list[dict[str, int]]:
@@ -168,17 +169,17 @@ class MediaInputs:
                                  f"its {len(counts[kind])} {kind} item(s)")
             out.extend([token] * counts[kind][seen[kind]])
             seen[kind] += 1
-        short = {k: (seen[k], len(v)) for k, v in counts.items() if seen[k] != len(v)}
+        short = [f"{seen[k]} {self.tokens[k]} placeholder(s) for {len(v)} {k} item(s)"
+                 for k, v in counts.items() if seen[k] != len(v)]
         if short:
-            raise ValueError(f"prompt placeholders do not match its media: "
-                             f"{ {k: f'{a} placeholder(s) for {b} item(s)' for k, (a, b) in short.items()} }")
+            raise ValueError(f"prompt placeholders do not match its media: {'; '.join(short)}")
         return out
 
     def check_expanded(self, ids: torch.Tensor | np.ndarray, counts: dict[str, list[int]],
                        where: str) -> None:
         """Each kind's placeholder tokens in the (expanded) ids equal its items' token count:
         the learner's media tensors are those the rollout used."""
-        ids = torch.as_tensor(ids)
+        ids = torch.as_tensor(np.array(ids))
         for kind, token in self.token_ids.items():
             found, want = int((ids == token).sum()), sum(counts.get(kind, []))
             if found != want:

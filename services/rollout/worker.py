@@ -199,7 +199,8 @@ class RolloutWorker:
             prompts.append(MediaPrompt(
                 ids=list(ids), expanded=expanded,
                 inputs=self._media.model_kwargs(torch.tensor([expanded]), tensors),
-                decoded=self._media.decoded(rows, index) if counts else {}))
+                decoded=self._media.decoded(rows, index) if counts else {},
+                sample_rate=self._media.limits.sample_rate))
         gen, seen = generate(prompts, params, seed=request.seed)
         return gen, seen
 
