@@ -137,8 +137,14 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.train = TokenizedPrompts.build(config, self.tokenizer, config.data.train_split)
-        self._share_media(self.train, model_dir)
+        self.train = TokenizedPrompts.build(config, self.tokenizer, config.data.train_split,
+                                            model_dir=model_dir)
+        self._share_media(self.train)
+        # each training task's modality signature (several joined by "|") for data with
+        # media, reported in the metric rows; {} for text-only data (rows stay as they were)
+        self.task_modality = {} if not self.train.media_used else {
+            task: "|".join(sorted(per_task))
+            for task, per_task in self.train.prompts.modality_counts().items()}
         self.sampler = TaskStratifiedSampler(self.train.prompts, seed=config.run.seed)
         if checkpoint is not None:
             self.sampler.load_state_dict(json.loads((checkpoint / "sampler.json").read_text()))
@@ -154,27 +160,16 @@ class Trainer:
         self.chunk_prompts = config.rollout.prompts_per_request or -(
             -config.data.prompts_per_step // config.rollout.workers)
 
-    def _share_media(self, prompts: TokenizedPrompts, model_dir: str) -> None:
-        """Prompts with media: refuse a model that cannot take them, then put the split's
-        media table in the object store once; requests and learners carry its ref."""
+    def _share_media(self, prompts: TokenizedPrompts) -> None:
+        """Prompts with media (the model was checked by ``TokenizedPrompts.build``): put the
+        split's media table in the object store once; requests and learners carry its ref."""
         if not prompts.media_used:
             return
         import ray
 
         from services.media_inputs import MediaRows
-        from services.model_loading import check_media_supported
 
-        check_media_supported(model_dir, prompts.media_used)
         prompts.media_ref = ray.put(MediaRows.of(prompts.prompts))
-
-    @property
-    def task_modality(self) -> dict[str, str]:
-        """Each training task's modality signature (several joined by ``|``) for data with
-        media; {} for text-only data, whose metric rows stay as they were."""
-        if not self.train.media_used:
-            return {}
-        counts = self.train.prompts.modality_counts()
-        return {task: "|".join(sorted(per_task)) for task, per_task in counts.items()}
 
     @property
     def train_set(self):
@@ -439,8 +434,9 @@ class Trainer:
         if temperature == 0 and samples > 1:
             raise ValueError(f"{samples} samples per prompt need a temperature > 0")
         if self._eval is None or self._eval_key != (split, per_task):
-            self._eval = TokenizedPrompts.build(cfg, self.tokenizer, split, per_task)
-            self._share_media(self._eval, self._model_dir)
+            self._eval = TokenizedPrompts.build(cfg, self.tokenizer, split, per_task,
+                                                model_dir=self._model_dir)
+            self._share_media(self._eval)
             self._eval_key = (split, per_task)
         self.prefetch.settle()
         self.actors.sync_weights(self.version)  # the pool may still serve an older version

@@ -196,3 +196,19 @@ class MediaInputs:
         types[input_ids == self.token_ids["image"]] = 1
         types[input_ids == self.token_ids["video"]] = 2
         return {**media, "mm_token_type_ids": types}
+
+
+def media_prompts(builder: MediaInputs, rows: MediaRows, indices, prompt_ids: list[list[int]]
+                  ) -> list[MediaPrompt]:
+    """The rollout side: one :class:`MediaPrompt` per prompt row (a row without media keeps its
+    ids and gets no tensors)."""
+    out = []
+    for index, ids in zip(np.asarray(indices).tolist(), prompt_ids):
+        tensors, counts = builder.tensors(rows, index)
+        expanded = builder.expand(ids, counts) if counts else list(ids)
+        out.append(MediaPrompt(
+            ids=list(ids), expanded=expanded,
+            inputs=builder.model_kwargs(torch.tensor([expanded]), tensors),
+            decoded=builder.decoded(rows, index) if counts else {},
+            sample_rate=builder.limits.sample_rate))
+    return out

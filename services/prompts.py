@@ -69,9 +69,11 @@ class TokenizedPrompts:
 
     @classmethod
     def build(cls, config: TrainConfig, tokenizer, split: str,
-              per_task: int | None = None) -> TokenizedPrompts:
+              per_task: int | None = None, model_dir: str | None = None) -> TokenizedPrompts:
         """Load ``split`` and tokenize its prompts (only the first ``per_task`` of each task,
-        when given); prompt lengths are checked against ``data.max_prompt_tokens``."""
+        when given); prompt lengths are checked against ``data.max_prompt_tokens``. Prompts
+        with media get one placeholder per item from the chat template; ``model_dir``: the
+        model, refused first when it cannot take the media."""
         prompts = load_split(config, split)
         rows = np.arange(len(prompts))
         if per_task is not None:
@@ -86,6 +88,10 @@ class TokenizedPrompts:
             media = [counts[i] for i in rows]
             for kind in ("image", "audio", "video"):
                 used[kind] = sum(1 for c in counts if c.get(kind))
+            if model_dir is not None:
+                from services.model_loading import check_media_supported
+
+                check_media_supported(model_dir, used)
         ids = tokenize_prompts(tokenizer, [prompts.prompts[i] for i in rows], media)
         check_prompt_lengths(ids, config.data.max_prompt_tokens, split)
         token_ids: list[list[int] | None] = [None] * len(prompts)

