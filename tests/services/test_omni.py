@@ -21,7 +21,6 @@ from services.tiny.omni_tasks import (
     write_omni_suite,
 )
 
-
 # omni_assets (harpo init-tiny --omni): session fixture in conftest.py, shared with
 # test_omni_e2e.py
 
