@@ -2,7 +2,6 @@ import copy
 import json
 import math
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -19,6 +18,7 @@ from services.learner_core import LearnerCore, LogprobMismatchError, shard_batch
 from services.learner_forward import PolicyLogprobs
 from services.learner_optim import lr_factor
 from services.learner_strategies import available_strategies, make_strategy
+from services.ports import free_port
 
 BATCH, SEQ_LEN, VOCAB = 8, 12, 64
 GROUP = 2  # rollout.group_size of the test configs: a mini-batch of 4 sequences is 2 prompts
@@ -230,11 +230,6 @@ def ddp_worker(rank, world_size, port, model_dir, out_dir):
     finally:
         dist.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_ranks_match_one_rank_on_the_whole_batch(model_dir, tmp_path):
