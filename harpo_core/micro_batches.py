@@ -116,8 +116,8 @@ def plan_modality_micro_batches(lengths: Sequence[int], signatures: Sequence[str
 
     Signatures are taken in the order they first appear in the batch. Within a signature the
     rows keep their batch order, or with ``by_length`` are taken longest first (ties in batch
-    order), which puts rows of similar length together and, for the first micro-batch, the
-    widest pass first (a memory bound is hit at once, not at the end). Deterministic: the same
+    order), which puts rows of similar length together and runs each signature's widest pass
+    first (a memory bound is hit at once, not at the end). Deterministic: the same
     inputs give the same plan. With one signature and ``by_length`` off the plan is
     :func:`plan_micro_batches`'s, as row indices.
     """
