@@ -29,11 +29,12 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from services.ports import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -138,11 +139,6 @@ def _rank(rank, world_size, port, model_dir, strategy, dtype, seq, out):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run(args) -> list[dict]:
     """One row per ``strategy:dtype``: the largest per-rank bytes of each kind (MiB)."""
@@ -156,7 +152,7 @@ def run(args) -> list[dict]:
             strategy, dtype = pair.split(":")
             out = Path(tmp) / pair.replace(":", "-")
             out.mkdir()
-            mp.spawn(_rank, args=(args.ranks, _free_port(), str(model_dir), strategy, dtype,
+            mp.spawn(_rank, args=(args.ranks, free_port(), str(model_dir), strategy, dtype,
                                   args.seq, str(out)), nprocs=args.ranks)
             ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(args.ranks)]
             row = {"strategy": strategy, "dtype": dtype, "ranks": args.ranks,

@@ -20,7 +20,6 @@ through :meth:`LearnerGroup.send_weights`.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import numpy as np
@@ -35,6 +34,7 @@ from services.capacity import CapacityWait
 from services.config import TrainConfig
 from services.devices import actor_device, cpu_only, process_group_backend
 from services.learner_core import LearnerCore
+from services.ports import free_port
 from services.weight_sync import make_weight_sync
 
 
@@ -45,11 +45,6 @@ class LearnerFailure(RuntimeError):
 class PolicyVersionError(RuntimeError):
     """Rollouts were produced by a policy version the learner did not expect."""
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @ray.remote
@@ -69,7 +64,7 @@ class Learner:
         self._media_rows: tuple = (None, None)  # (ObjectRef, MediaRows) of the train split
 
     def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master: tuple[str, int], model_dir: str, version: int = 0) -> int:
         # Not ``self.config``: cloudpickle takes the names a method uses that match torch's

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from harpo_core.losses import policy_loss
-from harpo_core.micro_batches import plan_micro_batches, split_to_count
+from harpo_core.micro_batches import Padding, plan_micro_batches, split_to_count
 from services.learner_forward import PolicyLogprobs
 from services.learner_mismatch import MismatchGaps, learner_mismatch_rule
 from services.learner_optim import make_optimizer
@@ -258,6 +258,7 @@ class LearnerCore:
                                                            responses_only=True)
         totals = {"steps": 0.0, "skipped_steps": 0.0, "loss": 0.0, "grad_norm": 0.0, "lr": 0.0,
                   "stat_tokens": 0.0, "mismatch": MismatchGaps(),
+                  "padded_tokens": 0.0, "real_tokens": 0.0,  # of the passes: padding_waste
                   **{name: 0.0 for name in self.token_stats}}
         local_mini = self.mini_batch_size // self.world_size
         local_size = len(batch["input_ids"])
@@ -382,17 +383,21 @@ class LearnerCore:
         for name, value in stats.items():
             totals[name] += value * n_tokens
         totals["stat_tokens"] += n_tokens
+        totals["padded_tokens"] += micro["attention_mask"].numel()  # rows x width of the pass
+        totals["real_tokens"] += float(micro["attention_mask"].sum())
         totals["loss"] += loss.item()  # this rank's share of the global mini-batch loss
         if measure_mismatch and n_tokens > 0:
             totals["mismatch"].add((logprobs.detach() - micro["old_logprobs"])[mask])
 
     def _finish_metrics(self, totals):
-        summed = ["loss", "stat_tokens", "n_sequences", "n_tokens", *self.token_stats]
+        summed = ["loss", "stat_tokens", "n_sequences", "n_tokens", *self.token_stats,
+                  "padded_tokens", "real_tokens"]
         values = torch.tensor(
             [totals[name] for name in summed], dtype=torch.float64, device=self.device
         )
         totals.update(zip(summed, self._global_sum(values).tolist()))
         mismatch = totals["mismatch"].stats  # gathered over the ranks already
+        padding = Padding(int(totals["padded_tokens"]), int(totals["real_tokens"]))
 
         steps = totals["steps"]
         stat_tokens = max(totals["stat_tokens"], 1.0)
@@ -410,6 +415,7 @@ class LearnerCore:
             n_tokens=totals["n_tokens"],
             n_steps=steps,
             skipped_steps=totals["skipped_steps"],
+            padding_waste=padding.waste,
         )
         return metrics
 

@@ -62,6 +62,8 @@ _JOB_GAUGES = {
                         "Token mean of the truncated importance weights (learner.tis_cap)"),
     "tis_truncated_frac": ("harpo_tis_truncated_fraction",
                            "Fraction of tokens whose importance ratio exceeded learner.tis_cap"),
+    "padding_waste": ("harpo_padding_waste",
+                      "Share of the learner's padded token slots holding no token (last step)"),
     "signal_reference": ("harpo_signal_reference",
                          "Reference signal rho_ref (geometric mean of the task EMAs)"),
     "sample_factor_mean": ("harpo_sample_factor_mean", "Mean sample factor over the groups"),

@@ -20,7 +20,7 @@ from harpo_core import GroupModulation
 # Learner metrics copied into the row as they are (when the learner reports them).
 LEARNER_KEYS = ("loss", "kl", "entropy", "clip_frac", "approx_kl", "grad_norm", "lr",
                 "logprob_mismatch_max", "logprob_mismatch_mean", "logprob_mismatch_p99",
-                "tis_weight_mean", "tis_truncated_frac")
+                "tis_weight_mean", "tis_truncated_frac", "padding_waste")
 
 
 @dataclass(frozen=True)

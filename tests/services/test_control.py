@@ -12,7 +12,6 @@ import argparse
 import datetime
 import ipaddress
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from services.control.client import (
 )
 from services.control.server import ControlConfigError, ControlServer, resolve_token
 from services.control.target import ControlTarget
+from services.ports import free_port
 
 TOKEN = "s3cret-token"
 
@@ -157,11 +157,6 @@ def client(server):
     with ControlClient(f"127.0.0.1:{server.port}", timeout=5) as c:
         yield c
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def harpo(argv: list[str]) -> int:

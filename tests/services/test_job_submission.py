@@ -7,39 +7,21 @@ session's own embedded Ray is left alone).
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from services.cluster import RAY_ENV_DEFAULTS
+from services.ports import free_port
 from tests.services.conftest import tiny_config
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_ENV_DEFAULTS)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
+from tests.services.ray_cli import BIN, subprocess_env
 
 
 def _harpo(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "harpo"), *args], env=_env(), capture_output=True,
+    return subprocess.run([str(BIN / "harpo"), *args], env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -47,14 +29,14 @@ def _harpo(*args, timeout=600) -> subprocess.CompletedProcess:
 def ray_head():
     # Short path: Ray's unix socket paths must stay under 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="hj-", dir="/tmp")
-    dashboard = _free_port()
+    dashboard = free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-           "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+           "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(dashboard), "--num-cpus", "8", "--temp-dir", temp_dir,
            # not the default 52365: the test session's own Ray may hold it
-           "--dashboard-agent-listen-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(free_port()),
            "--include-dashboard", "true", "--disable-usage-stats"]
-    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=180)
+    subprocess.run(cmd, env=subprocess_env(), check=True, capture_output=True, timeout=180)
     url = f"http://127.0.0.1:{dashboard}"
     try:
         from ray.job_submission import JobSubmissionClient
@@ -113,7 +95,7 @@ def test_submit_follow_logs_and_stop(ray_head, tiny_assets, tmp_path):
 def test_job_commands_explain_bad_requests(ray_head, tmp_path):
     unknown = _harpo("logs", "raysubmit_nope", "--address", ray_head)
     assert unknown.returncode == 2 and "no job 'raysubmit_nope'" in unknown.stderr
-    nobody = _harpo("logs", "x", "--address", f"http://127.0.0.1:{_free_port()}")
+    nobody = _harpo("logs", "x", "--address", f"http://127.0.0.1:{free_port()}")
     assert nobody.returncode == 2 and "no Ray Jobs API answers at" in nobody.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: /nowhere}\ndata: {path: /nowhere}\nrollout: {workers: 0}\n")

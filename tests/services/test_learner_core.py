@@ -2,7 +2,6 @@ import copy
 import json
 import math
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -19,6 +18,7 @@ from services.learner_core import LearnerCore, LogprobMismatchError, shard_batch
 from services.learner_forward import PolicyLogprobs
 from services.learner_optim import lr_factor
 from services.learner_strategies import available_strategies, make_strategy
+from services.ports import free_port
 
 BATCH, SEQ_LEN, VOCAB = 8, 12, 64
 GROUP = 2  # rollout.group_size of the test configs: a mini-batch of 4 sequences is 2 prompts
@@ -231,11 +231,6 @@ def ddp_worker(rank, world_size, port, model_dir, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_two_ranks_match_one_rank_on_the_whole_batch(model_dir, tmp_path):
     mp.spawn(ddp_worker, args=(2, free_port(), model_dir, str(tmp_path)), nprocs=2)
@@ -256,6 +251,9 @@ def test_two_ranks_match_one_rank_on_the_whole_batch(model_dir, tmp_path):
         # Adam hides a constant gradient scale; the pre-clip norm does not.
         for name in ("grad_norm", "loss", "clip_frac", "entropy", "n_tokens", "n_sequences"):
             assert ddp_metrics[name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
+        if "micro_batch_tokens" not in config:  # passes as wide as the batch on both ranks:
+            # the waste over both ranks' rows equals one rank's (each rank's own differs)
+            assert ddp_metrics["padding_waste"] == pytest.approx(metrics["padding_waste"])
 
 
 def test_shard_batch_puts_every_global_mini_batch_on_all_ranks():
@@ -447,6 +445,10 @@ def test_micro_batch_tokens_bound_every_pass_and_keep_the_update(model_dir):
     # row lengths of make_batch(): 3, 7, 11, 12, 7, 4, 11, 7 (padded to 12)
     whole = LearnerCore(model_dir, make_config(BATCH, **COMMON))
     metrics_whole = train(whole, make_batch())
+    # padding waste of the passes, by hand: 62 tokens; one pass of 8 x 12 = 96 slots; the
+    # 14-token plan (0,2,7) (2,3,11) (3,4,12) (4,6,7) (6,7,11) (7,8,7): 69; one row per pass: 62
+    assert metrics_whole["padding_waste"] == pytest.approx(1 - 62 / 96)
+    waste = {14: 1 - 62 / 69, 11: 0.0}
     for budget, rows in ((14, None), (11, 3)):
         learner = LearnerCore(model_dir, make_config(BATCH, micro_batch_tokens=budget,
                                                      micro_batch_size=rows, **COMMON))
@@ -459,6 +461,7 @@ def test_micro_batch_tokens_bound_every_pass_and_keep_the_update(model_dir):
         assert all(n * width <= budget or n == 1 for n, width in passes), passes
         assert min(width for _, width in passes) < SEQ_LEN
         assert any(width > budget for _, width in passes) == (budget == 11)
+        assert metrics["padding_waste"] == pytest.approx(waste[budget], abs=1e-12)
         whole_grads = grads(whole)
         for name, grad in grads(learner).items():
             assert close(grad, whole_grads[name]), (budget, name)

@@ -4,7 +4,6 @@ gathered ``lm_head`` inside the wrapper's forward, and the gradients are those o
 full-logits pass. Two ranks over gloo; the fsdp2 strategy itself lives elsewhere."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -14,6 +13,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from services.learner_forward import PolicyLogprobs
+from services.ports import free_port
 
 CASES = [(False, None, 1e-6), (True, None, 1e-6), (True, torch.bfloat16, 3e-2)]
 
@@ -63,10 +63,7 @@ def worker(rank, port, out):
 
 
 def test_chunked_forward_under_fully_shard_gives_the_unsharded_gradients(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ids, attention, response = batch()
     for index, (shared, _, tolerance) in enumerate(CASES):
         model = build()

@@ -61,6 +61,7 @@ JOB_FIELDS = {
     "logprob_mismatch_p99": "harpo_logprob_mismatch_p99",
     "tis_weight_mean": "harpo_tis_weight_mean",
     "tis_truncated_frac": "harpo_tis_truncated_fraction",
+    "padding_waste": "harpo_padding_waste",
     "signal_reference": "harpo_signal_reference",
     "rollout_workers": "harpo_rollout_workers",
     "sample_factor_mean": "harpo_sample_factor_mean",
@@ -99,7 +100,7 @@ def synthetic_step(modulator, step, rng, tasks=TASKS, groups_per_task=3, group_s
                "clip_frac": 0.1, "approx_kl": 1e-4, "grad_norm": 0.7, "lr": 1e-3,
                "logprob_mismatch_max": 3e-6, "logprob_mismatch_mean": 1e-7,
                "logprob_mismatch_p99": 2e-6, "tis_weight_mean": 0.98, "tis_truncated_frac": 0.01,
-               "fetch_s": 0.01, "update_s": 0.2}
+               "padding_waste": 0.25, "fetch_s": 0.01, "update_s": 0.2}
     times = {"generate_s": 1.5, "score_s": 0.25, "modulate_s": 0.003, "learn_s": 0.4,
              "sync_s": 0.05, "step_s": 2.25}
     # the driver's own path: the harpo estimator around this modulator, then the step record

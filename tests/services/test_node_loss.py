@@ -14,25 +14,23 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import ray
 
 from services.capacity import CapacityTimeout
-from services.cluster import RAY_ENV_DEFAULTS, connect
+from services.cluster import connect
 from services.controller import Trainer
+from services.ports import free_port
 from services.run_dir import RunDir
 from tests.services.conftest import tiny_config
+from tests.services.ray_cli import BIN, subprocess_env
 
-BIN = Path(sys.executable).parent
 STEPS = 3
 VOLATILE = {"timing", "rollouts_per_s", "tokens_per_s", "restarts", "weight_sync_failures"}
 # One rollout worker that fills a rollout node (2 CPUs), so nothing else is placed there;
@@ -42,18 +40,6 @@ ROLLOUT = {"workers": 1, "group_size": 4, "max_new_tokens": 12,
 REWARD = {"scorers": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_ENV_DEFAULTS)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # `ray start --address` on one machine
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 class Cluster:
@@ -65,17 +51,18 @@ class Cluster:
         self._nodes = 0
 
         def head():
-            self.port = _free_port()
+            self.port = free_port()
             self.address = f"127.0.0.1:{self.port}"
             return ["--head", "--port", str(self.port), "--num-cpus", "6",
-                    "--ray-client-server-port", str(_free_port()), "--include-dashboard", "false"]
+                    "--ray-client-server-port", str(free_port()), "--include-dashboard", "false"]
 
         self._start(head, "head")
 
     def _start(self, args, name: str) -> str:
         """`ray start`; ports picked free may be taken by another process before Ray binds
         them (the machine is shared), so a failed start is cleaned up and tried again."""
-        env = _env()
+        # `ray start --address` on one machine
+        env = subprocess_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
         if name == "head":  # a node whose raylet is gone is declared dead in ~3 s, not ~30 s
             env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
                        RAY_health_check_failure_threshold="2")
@@ -86,7 +73,7 @@ class Cluster:
                      "--runtime-env-agent-port", "--metrics-export-port"]
             cmd = [str(BIN / "ray"), "start", *args(), "--node-ip-address", "127.0.0.1",
                    "--temp-dir", temp_dir, "--disable-usage-stats",
-                   *[x for flag in ports for x in (flag, str(_free_port()))]]
+                   *[x for flag in ports for x in (flag, str(free_port()))]]
             result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
             if result.returncode == 0:
                 return temp_dir
@@ -161,7 +148,7 @@ def s3_stand_in():
 
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     import boto3

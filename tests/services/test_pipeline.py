@@ -43,8 +43,9 @@ def test_a_run_writes_its_directory_and_the_modulator_sees_groups_only(
     for key in ("policy_version", "reward", "accuracy", "task_factor", "task_signal",
                 "task_signal_ema", "loss", "entropy", "clip_frac", "response_length",
                 "rollouts_per_s", "tokens_per_s", "logprob_mismatch_max", "logprob_mismatch_p99",
-                "timing"):
+                "timing", "padding_waste"):
         assert key in first, key
+    assert 0 < first["padding_waste"] < 1  # prompts and responses of several lengths
     assert [r["policy_version"] for r in logged] == [0, 1]
     assert first["rollouts"] == 4 * 4
     assert set(first["timing"]) >= {"generate_s", "score_s", "modulate_s", "learn_s", "sync_s",
@@ -83,6 +84,7 @@ def test_two_learners_make_the_same_update_as_one(ray_cluster, tiny_assets, tmp_
     assert moved > 1e-4  # the update did something
     # The all-reduced gradient is the same gradient: its norm and the loss agree tightly.
     assert row1["grad_norm"] == pytest.approx(row2["grad_norm"], rel=1e-5)
+    assert row1["padding_waste"] == pytest.approx(row2["padding_waste"])  # over both ranks
     # Weights: gradients summed in another order differ in the last bits, and Adam's first
     # step (about lr * g / (|g| + eps)) blows that up only where a gradient component is ~0.
     # So: all but a sliver of the weights agree to 1e-6 and the mean difference is tiny.

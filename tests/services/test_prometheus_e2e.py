@@ -7,7 +7,6 @@ panel's PromQL, with its variables filled in, against a Prometheus that scraped 
 
 import json
 import math
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from services.controller import Trainer
+from services.ports import free_port
 from tests.deploy.helpers import DASHBOARD_JSON, RULES, dashboard_builder, require_binary
 from tests.services.conftest import tiny_config
 
@@ -25,17 +25,12 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Prometheus:
     """A Prometheus server on loopback that scrapes one target every second."""
 
     def __init__(self, workdir, target: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         parsed = urllib.parse.urlsplit(target)
         config = {
