@@ -74,7 +74,10 @@ def media_counts(prompts: PromptSet) -> list[dict[str, int]]:
     """Items per kind of every row ({} for a row without media)."""
     if prompts.media is None:
         return [{} for _ in range(len(prompts))]
-    columns = {k: [len(v or []) for v in prompts.media.column(k).to_pylist()]
+    import pyarrow.compute as pc
+
+    # list lengths only: the media bytes are never converted to Python objects here
+    columns = {k: pc.fill_null(pc.list_value_length(prompts.media.column(k)), 0).to_pylist()
                for k in prompts.media_kinds()}
     return [{k: columns[k][i] for k in KINDS if k in columns and columns[k][i]}
             for i in range(len(prompts))]
