@@ -304,3 +304,37 @@ def test_tiny_qwen2_vl_forward_with_image_and_video(tmp_path):
     assert torch.isfinite(base).all()
     assert not torch.allclose(last_logits(255 - image, video), base, atol=1e-6)
     assert not torch.allclose(last_logits(image, video[::-1].copy()), base, atol=1e-6)
+
+    # the pipeline's path (issue 17 e2e): the same media through MediaInputs, HF generate and
+    # the learner's forward (the model's own M-RoPE from mm_token_type_ids): log-probs agree
+    from harpo_core.data import PromptSet
+    from services.chat import tokenize_prompts
+    from services.learner_forward import PolicyLogprobs
+    from services.media_inputs import MediaInputs, MediaRows, media_counts, media_prompts
+    from services.rollout.backend import SamplingParams
+    from services.rollout.hf_backend import HFBackend
+    from services.tiny.omni_tasks import encode_mp4, encode_png
+
+    binary = pa.list_(pa.binary())
+    prompts = PromptSet(
+        prompts=["What is shown?"], answers=["a"], task_codes=[0], task_names=("t",),
+        task_types=("classification",), datasets=["d"],
+        media=pa.table({"image": pa.array([[encode_png(image)]], binary),
+                        "video": pa.array([[encode_mp4(video)]], binary),
+                        "source_file": ["x"], "source_row": [0]}))
+    rows, media = MediaRows.of(prompts), MediaInputs(d, MediaLimits(video_fps=4.0))
+    built = media_prompts(media, rows, [0], tokenize_prompts(tokenizer, prompts.prompts,
+                                                             media_counts(prompts)))
+    assert "mm_token_type_ids" in built[0].inputs
+    gen, seen = HFBackend(str(d)).generate_media(
+        built, SamplingParams(n=2, max_new_tokens=4, temperature=1.0, top_p=1.0), seed=0,
+        placeholders=tuple(media.token_ids.values()))
+    policy, tensors = PolicyLogprobs(model), media.tensors(rows, 0)[0]
+    for r in range(2):
+        full = torch.tensor([seen[0] + gen.token_ids[r, :gen.lengths[r]].tolist()])
+        scored = torch.zeros_like(full)
+        scored[0, len(seen[0]):] = 1
+        with torch.no_grad():
+            logprobs = policy(full, torch.ones_like(full), scored,
+                              **media.model_kwargs(full, tensors))[0][0, len(seen[0]):]
+        assert (logprobs - torch.from_numpy(gen.logprobs[r, :gen.lengths[r]])).abs().max() < 1e-4

@@ -233,3 +233,15 @@ def test_omni_pipeline_trains_every_modality_checkpoints_the_processor_and_resum
     drop = {"timing", "rollouts_per_s", "tokens_per_s"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in tail] == \
         [{k: v for k, v in whole[1].items() if k not in drop}]
+
+
+def test_chunked_head_refuses_media_rows_with_the_setting_to_change(omni_assets):
+    from services.learner_forward import PolicyLogprobs
+    from services.model_loading import load_model
+
+    policy = PolicyLogprobs(load_model(omni_assets.model_dir).eval(), chunk_tokens=16)
+    ids = torch.zeros((1, 4), dtype=torch.long)
+    with pytest.raises(ValueError, match="logprob_chunk_tokens does not support prompts with "
+                                         "media .* set learner.logprob_chunk_tokens: null"):
+        policy(ids, torch.ones_like(ids), torch.ones_like(ids),
+               pixel_values=torch.zeros((4, 1176)))
