@@ -165,14 +165,26 @@ def load_data(config: TrainConfig, split: str):
         raise PreflightError(str(exc)) from None
 
 
-def check_prompt_lengths(config: TrainConfig, tokenizer, prompts, split: str) -> None:
-    """Tokenize every prompt with the chat template, as the trainer will, and check lengths."""
+def check_prompt_lengths(config: TrainConfig, tokenizer, prompts, split: str,
+                         model_dir: str | Path | None = None) -> None:
+    """Tokenize every prompt with the chat template, as the trainer will, and check lengths;
+    prompts with media (one placeholder per item) first need a model that takes them."""
     from services.chat import tokenize_prompts
     from services.prompts import check_prompt_lengths as check
 
     try:
-        check(tokenize_prompts(tokenizer, prompts.prompts), config.data.max_prompt_tokens, split)
-    except ValueError as exc:  # DataError
+        media = None
+        if prompts.media is not None:
+            from services.media_inputs import media_counts
+            from services.model_loading import check_media_supported
+
+            media = media_counts(prompts)
+            if model_dir is not None:
+                check_media_supported(model_dir, {k: sum(1 for m in media if m.get(k))
+                                                  for k in ("image", "audio", "video")})
+        check(tokenize_prompts(tokenizer, prompts.prompts, media), config.data.max_prompt_tokens,
+              split)
+    except ValueError as exc:  # DataError, or media the model cannot take
         raise PreflightError(str(exc)) from None
 
 
@@ -336,7 +348,7 @@ def preflight(config: TrainConfig, *, resume: bool = False, splits: tuple[str, .
     memory = check_memory(config, model_dir)
     tokenizer = load_tokenizer(model_dir, model_config, config.model.trust_remote_code)
     for split, prompts in data.items():
-        check_prompt_lengths(config, tokenizer, prompts, split)
+        check_prompt_lengths(config, tokenizer, prompts, split, model_dir)
     train = data.get(config.data.train_split)
     tasks = train.task_counts() if train is not None else {}
     return Plan(model_dir=Path(model_dir), weights_bytes=weights,

@@ -173,15 +173,19 @@ def test_vllm_multi_modal_request_is_built_without_starting_vllm():
     assert text == {"prompt_token_ids": [5]}
 
 
-def test_a_text_only_model_refuses_media_prompts_before_any_actor_starts(
+def test_a_text_only_model_refuses_media_prompts_in_preflight_and_the_trainer(
         tiny_assets, omni_assets, tmp_path):
     from services.controller import Trainer
+    from services.preflight import PreflightError, preflight
 
     cfg = tiny_config(tiny_assets, tmp_path / "run",
                       data={"path": str(omni_assets.data_dir), "format": "hba",
                             "video_fps": VIDEO_FPS})
-    with pytest.raises(ValueError, match=r"prompts with media \(6 with audio, 12 with image, 6 "
-                                         r"with video\) but model .* takes text only"):
+    message = (r"prompts with media \(6 with audio, 12 with image, 6 with video\) but model .* "
+               r"takes text only")
+    with pytest.raises(PreflightError, match=message):  # `harpo train`: before Ray starts
+        preflight(cfg, ports=False, output=False)
+    with pytest.raises(ValueError, match=message):  # the Trainer itself, before any actor
         Trainer(cfg)
 
 
