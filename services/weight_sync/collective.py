@@ -31,6 +31,16 @@ into all buckets (:meth:`CollectiveSync.receive`). A stream broken part-way leav
 layers updated: the worker then serves nothing until a full load succeeds
 (:class:`services.rollout.worker.RolloutWorker`).
 
+Copies. The source fills its buckets straight from the learner's tensors — under ``ddp`` the
+parameters themselves (``LearnerCore.full_state_dict_view``), under ``fsdp2`` the gathered
+state dict — casting on the way: one copy. The buckets are allocated once and refilled by
+every publish of the same layout (fresh memory would be paged in by the copy, which costs as
+much as the copy). Broadcasts are asynchronous, two in flight (:data:`IN_FLIGHT`): the source
+fills bucket k+1 while bucket k is on the wire, a streaming receiver has bucket k+1 on the wire
+while its backend loads bucket k, and a CPU receiver of whole state dicts keeps its buckets for
+the next version. On this machine the broadcast itself (gloo over loopback TCP) is the floor:
+``benchmarks/scale_sync.py`` measures a bare gloo broadcast of the same bytes next to it.
+
 Failures never hang. Members first check in through the store; the driver can *abort* an
 epoch (the pool does when a member of it died), and a member waiting to check in stops at
 once with :class:`SyncAborted`. Once all have checked in, a member that dies mid-broadcast
