@@ -5,8 +5,9 @@ most ``bucket_bytes`` (a tensor larger than that gets a bucket of its own), the 
 ones cast to one dtype (the rollout's); :func:`fill` copies one bucket's tensors in, casting on
 the way, so a sender can fill buckets it allocated once and keeps (:func:`empty_buckets`), one
 at a time while the previous one is on the wire; :func:`pack` does both at once. Tensors that
-share storage (tied embeddings) travel once and come back as views of one slice. :func:`unpack` turns received
-buckets back into a state dict of views into them: no copy on the receiving side.
+share storage (tied embeddings) travel once and come back as views of one slice.
+:func:`unpack` turns received buckets back into a state dict of views into them: no copy on the
+receiving side.
 
 The layout is plain JSON-able data (names, shapes, dtypes, bucket sizes and offsets), so it can
 travel through a key-value store; only the buckets carry tensor bytes.
