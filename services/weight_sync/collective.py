@@ -338,8 +338,10 @@ class CollectiveSync(WeightSync):
 
     def collect(self) -> list[dict]:
         """Wait for the learner side of every publish and re-issue so far; returns the source's
-        figures of each (bytes, pack_s, broadcast_s). Failures are the mirror of the workers'
-        (which the pool acts on), so they are logged, not raised."""
+        figures of each: bytes; seconds filling buckets (``pack_s``, inside ``broadcast_s``
+        after the first bucket), checking in, broadcasting, in all (``total_s``); whether the
+        kept buckets were refilled (``reused``). Failures are the mirror of the workers' (which
+        the pool acts on), so they are logged, not raised."""
         sends, self._sends = self._sends, []
         done = []
         for ref in sends:
