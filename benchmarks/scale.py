@@ -79,6 +79,9 @@ def sync() -> tuple[list[dict], str, list[tuple[str, float, float]]]:
               f"{r['x_raw']:>10.2f}" for r in rows]
     targets = [(f"collective / raw copy, {r['receivers']} receiver(s)", r["x_raw"], 2.0)
                for r in rows if r["transport"] == "collective"]
+    # gloo over loopback TCP is this machine's floor for the collective transport
+    targets += [(f"collective / bare gloo broadcast, {r['receivers']} receiver(s)",
+                 r["x_gloo"], 2.0) for r in rows if r["transport"] == "collective"]
     targets += [(f"collective / object_store, {r['receivers']} receiver(s)",
                  r["s_per_gb"] / o["s_per_gb"], 1.0)
                 for r in rows if r["transport"] == "collective"

@@ -406,6 +406,13 @@ class LearnerCore:
         sharded strategy gathers collectively), others get None."""
         return self.strategy.full_state_dict(self.model, dtype)
 
+    def full_state_dict_view(self) -> dict[str, torch.Tensor] | None:
+        """:meth:`full_state_dict` in the learner's dtype without a copy where the strategy
+        holds the whole model (``ddp``: the parameters themselves, on the learner's device):
+        read it before the next update. For a sender that copies anyway (the ``collective``
+        weight sync fills its buckets from it)."""
+        return self.strategy.full_state_dict(self.model, copy=False)
+
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """A CPU copy of this rank's policy weights (unwrapped names), all ranks alike under
         ``ddp`` (under ``fsdp2`` this rank's shards); :meth:`full_state_dict` is the

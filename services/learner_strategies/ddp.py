@@ -77,11 +77,13 @@ class DDPStrategy(LearnerStrategy):
             train_model = train_model.module
         return train_model.no_sync() if self.world_size > 1 else nullcontext()
 
-    def full_state_dict(self, model, dtype=None):
+    def full_state_dict(self, model, dtype=None, copy=True):
         if self.rank != 0:
             return None
-        return {k: v.detach().to("cpu", dtype=dtype, copy=True)
-                for k, v in hf_state_dict(model, model.state_dict()).items()}
+        state = hf_state_dict(model, model.state_dict())
+        if not copy and dtype is None:  # the parameters themselves (tied ones stay tied)
+            return {k: v.detach() for k, v in state.items()}
+        return {k: v.detach().to("cpu", dtype=dtype, copy=True) for k, v in state.items()}
 
     def save(self, model, optimizer, scheduler, directory):
         from services.learner_optim import save_optimizer_state

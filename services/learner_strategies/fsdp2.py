@@ -105,7 +105,10 @@ class FSDP2Strategy(LearnerStrategy):
         finally:
             train_model.set_requires_gradient_sync(True)
 
-    def full_state_dict(self, model, dtype=None):
+    def full_state_dict(self, model, dtype=None, copy=True):
+        # gathered to CPU either way (copy=False has nothing to save). On a GPU the collective
+        # sync then copies host to device; gathering tensor by tensor on the device straight
+        # into its buckets would save that copy (not built)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)  # collective, rank 0 keeps it
         if self.rank != 0:

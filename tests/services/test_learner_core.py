@@ -108,6 +108,21 @@ def test_update_changes_params_and_returns_finite_metrics(model_dir):
     assert 0 < metrics["entropy"] <= math.log(VOCAB) + 1e-5
 
 
+def test_the_weights_view_is_the_live_parameters_and_equals_the_copy(model_dir):
+    """What the collective weight sync fills its buckets from under ddp: no copy."""
+    learner = LearnerCore(model_dir, make_config(**COMMON))
+    view, copy_ = learner.full_state_dict_view(), learner.full_state_dict()
+    assert view.keys() == copy_.keys()
+    assert all(torch.equal(view[k], copy_[k]) for k in view)
+    live = {p.data_ptr() for p in learner.model.parameters()}
+    assert view["model.embed_tokens.weight"].data_ptr() in live
+    assert copy_["model.embed_tokens.weight"].data_ptr() not in live
+    train(learner, make_batch())  # the view moves with the model, the copy does not
+    moved = [k for k in view if not torch.equal(view[k], copy_[k])]
+    assert moved and all(torch.equal(view[k], v)
+                         for k, v in learner.full_state_dict().items())
+
+
 def test_on_policy_batch_has_no_mismatch_and_no_clipping(model_dir):
     learner = LearnerCore(model_dir, make_config(BATCH, lr=1e-3, micro_batch_size=3))
     batch = make_batch()
