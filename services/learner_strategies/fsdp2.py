@@ -62,6 +62,8 @@ def _one_rank_group(device: torch.device) -> None:
 
 @register_strategy("fsdp2")
 class FSDP2Strategy(LearnerStrategy):
+    replicated = False  # each rank holds (and rounds) its own shards
+
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
                  dtype: str = "float32", activation_checkpointing: bool = False):
         super().__init__(rank=rank, world_size=world_size, device=device, dtype=dtype,
