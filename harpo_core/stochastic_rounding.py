@@ -40,11 +40,9 @@ import math
 
 import torch
 
-# Elements per chunk of the float32 AdamW arithmetic; its temporaries (the float32 copies of
-# parameter, gradient and both moments, the random bits and the rounded bits) are about
-# CHUNK_TEMPORARIES * 4 bytes per element of a chunk.
-CHUNK_ELEMENTS = 1 << 22
-CHUNK_TEMPORARIES = 7
+# Elements per chunk of the float32 AdamW arithmetic (kept with the memory arithmetic, which
+# counts the chunk's temporaries and imports no torch).
+from harpo_core.memory import CHUNK_ELEMENTS
 
 _MASK64 = (1 << 64) - 1
 _LOW16_CLEARED = -65536  # 0xFFFF0000 as an int32
