@@ -20,6 +20,10 @@ keeps 8 mantissa bits, so a parameter of magnitude ~1e-2 moves only in steps of 
 AdamW update of ~lr = 1e-6 (the paper's rate) rounds to no change at all. The cost: bf16 does
 not shrink the state held between steps (4 + 4 + 8 bytes per parameter, divided by W); it
 shrinks the all-gathered layer copies, the activations and the communication of parameters.
+``learner.master_weights: bfloat16_stochastic`` shards bf16 parameters instead (LearnerCore
+casts them before ``wrap``): the gradient shards come back bf16 (reduced in fp32) and the
+optimizer (:mod:`harpo_core.bf16_adamw`) rounds each rank's update stochastically into its own
+bf16 shards, with bits of its own (``replicated = False``): 8 bytes per parameter, ``/W``.
 
 Activation checkpointing (``learner.activation_checkpointing``) is applied to the decoder
 layers before sharding: each layer's forward is recomputed in its backward pass.
