@@ -290,6 +290,10 @@ def test_save_and_load_resume_identically(model_dir, tmp_path, precision):
         assert all(torch.equal(value, params(resumed)[name])
                    for name, value in params(uninterrupted).items())
         assert {p.dtype for p in resumed.model.parameters()} == {torch.bfloat16}
+        published = resumed.full_state_dict()  # for rollout workers: float32, exactly the bf16
+        assert all(published[name].dtype == torch.float32
+                   and torch.equal(published[name], value.float())
+                   for name, value in params(resumed).items())
         saved = load_file(str(tmp_path / "ckpt" / "optimizer.safetensors"))
         assert {v.dtype for k, v in saved.items() if "exp_avg" in k} == {torch.bfloat16}
 
