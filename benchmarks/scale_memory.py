@@ -179,12 +179,14 @@ def run(args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'strategy':8} {'dtype':9} {'master':6} {'params':>8} {'grads':>8} "
-            f"{'adamw':>8} {'held':>8} {'gathered':>9} {'peak':>8} {'vs ddp':>7} {'vs fp32':>8} {'step s':>7}")
+            f"{'adamw':>8} {'held':>8} {'gathered':>9} {'peak':>8} {'vs ddp':>7} "
+            f"{'vs fp32':>8} {'step s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = {k: "-" if r[k] is None else f"{r[k]:.2f}x" for k in ("vs_ddp", "vs_fp32")}
         lines.append(f"{r['strategy']:8} {r['dtype']:9} {r['master']:6} {r['params']:8.1f} "
-                     f"{r['grads']:8.1f} {r['optimizer']:8.1f} {r['held']:8.1f} {r['gathered']:9.1f} "
+                     f"{r['grads']:8.1f} {r['optimizer']:8.1f} {r['held']:8.1f} "
+                     f"{r['gathered']:9.1f} "
                      f"{r['peak']:8.1f} {ratio['vs_ddp']:>7} {ratio['vs_fp32']:>8} "
                      f"{r['step_s']:7.1f}")
     return "\n".join(lines)
