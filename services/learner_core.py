@@ -40,7 +40,7 @@ from harpo_core.losses import policy_loss
 from harpo_core.micro_batches import Padding, plan_micro_batches, split_to_count
 from services.learner_forward import PolicyLogprobs
 from services.learner_mismatch import MismatchGaps, learner_mismatch_rule
-from services.learner_optim import make_optimizer
+from services.learner_optim import cast_master_weights, make_optimizer
 from services.learner_strategies import make_strategy
 
 if TYPE_CHECKING:
@@ -147,8 +147,11 @@ class LearnerCore:
         # sharded root gathers the head inside its forward); .model keeps the HF names.
         self.policy = PolicyLogprobs(self.model, **forward)
         self.token_stats = TOKEN_STATS + (TIS_STATS if self.loss.tis_cap is not None else ())
+        self.bf16_state = learner.master_weights == "bfloat16_stochastic"
+        cast_master_weights(self.model, config)  # bf16 master weights: before wrapping
         self.train_model = self.strategy.wrap(self.policy)
-        self.optimizer, self.scheduler = make_optimizer(self.model, config)
+        stream = 0 if self.strategy.replicated else rank  # stochastic rounding's bits
+        self.optimizer, self.scheduler = make_optimizer(self.model, config, stream=stream)
 
     def _load_model(self, model_dir):
         """fp32 on CPU: the strategy moves (or shards) it onto the device."""
@@ -403,7 +406,11 @@ class LearnerCore:
                         ) -> dict[str, torch.Tensor] | None:
         """The policy weights as a CPU state dict (HF names) on rank 0, cast to ``dtype`` when
         given (the rollout dtype), e.g. for the rollout workers; call it on every rank (a
-        sharded strategy gathers collectively), others get None."""
+        sharded strategy gathers collectively), others get None. Without ``dtype``, bf16
+        master weights are published as float32 (exactly: every bf16 value is one), so
+        rollout backends and transports get what a float32-state run gives them."""
+        if dtype is None and self.bf16_state:
+            dtype = torch.float32
         return self.strategy.full_state_dict(self.model, dtype)
 
     def full_state_dict_view(self) -> dict[str, torch.Tensor] | None:

@@ -51,6 +51,10 @@ class LearnerStrategy:
     """
 
     name: str = ""
+    # True when every rank holds the same full parameters (ddp): then any randomness in the
+    # optimizer step (stochastic rounding) must be the same on every rank, or the replicas
+    # drift apart. A strategy whose ranks hold shards sets False (each rank draws its own).
+    replicated: bool = True
 
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
                  dtype: str = "float32", activation_checkpointing: bool = False):

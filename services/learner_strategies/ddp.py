@@ -5,8 +5,10 @@ With one rank the model is trained as it is (no wrapper, no process group). Chec
 
 Precision (``learner.dtype: bfloat16``): fp32 parameters, gradients and AdamW state, bf16
 compute through ``torch.autocast`` around the training forward pass (the same scheme as
-``fsdp2``'s, see there for why the parameters stay fp32). Activation checkpointing recomputes
-each decoder layer in the backward pass.
+``fsdp2``'s, see there for why the parameters stay fp32). With ``learner.master_weights:
+bfloat16_stochastic`` the parameters are bf16 (cast before ``wrap``), so DDP all-reduces bf16
+gradients, and every rank rounds the update with the same bits (``replicated``): the replicas
+stay identical. Activation checkpointing recomputes each decoder layer in the backward pass.
 """
 
 from __future__ import annotations
