@@ -3,7 +3,8 @@ its target.
 
 * ``memory`` (:mod:`benchmarks.scale_memory`): per-rank learner bytes of a ~100M-parameter
   Qwen2-shaped model on 2 ranks over gloo — ``fsdp2`` against ``ddp``, ``bfloat16`` against
-  ``float32`` (targets: fsdp2 <= 0.55x ddp, bf16 <= 0.6x fp32);
+  ``float32``, bf16 learner state against float32 state (targets: fsdp2 <= 0.55x ddp, bf16
+  <= 0.6x fp32);
 * ``logprobs`` (:mod:`benchmarks.scale_logprobs`): peak memory of the log-prob + backward step
   with and without ``learner.logprob_chunk_tokens`` as the sequence grows (target: chunked
   flat, unchunked linear);
@@ -43,18 +44,27 @@ def _defaults(add_arguments) -> argparse.Namespace:
 
 def memory() -> tuple[list[dict], str, list[tuple[str, float, float]]]:
     rows = scale_memory.run(_defaults(scale_memory.add_arguments))
-    by = {(r["strategy"], r["dtype"]): r for r in rows}
+    by = {(r["strategy"], r["dtype"], r["master"]): r for r in rows}
     held = {key: r["held"] for key, r in by.items()}
     targets = [
         ("fsdp2 / ddp, state held between steps (fp32)",
-         held[("fsdp2", "float32")] / held[("ddp", "float32")], 0.55),
-        ("fsdp2 / ddp, peak with gathered copies (fp32)", by[("fsdp2", "float32")]["vs_ddp"],
-         0.55),
+         held[("fsdp2", "float32", "fp32")] / held[("ddp", "float32", "fp32")], 0.55),
+        ("fsdp2 / ddp, peak with gathered copies (fp32)",
+         by[("fsdp2", "float32", "fp32")]["vs_ddp"], 0.55),
         ("bf16 / fp32, state held between steps (fsdp2)",
-         held[("fsdp2", "bfloat16")] / held[("fsdp2", "float32")], 0.6),
+         held[("fsdp2", "bfloat16", "fp32")] / held[("fsdp2", "float32", "fp32")], 0.6),
         ("bf16 / fp32, peak with gathered copies (fsdp2)",
-         by[("fsdp2", "bfloat16")]["vs_fp32"], 0.6),
+         by[("fsdp2", "bfloat16", "fp32")]["vs_fp32"], 0.6),
     ]
+    for strategy in ("ddp", "fsdp2"):  # bf16 state (learner.master_weights), when measured
+        low = by.get((strategy, "bfloat16", "bf16sr"))
+        if low is not None:
+            targets += [
+                (f"bf16 state (stochastic rounding) / fp32, held between steps ({strategy})",
+                 low["held"] / held[(strategy, "float32", "fp32")], 0.6),
+                (f"bf16 state (stochastic rounding) / fp32, peak with gathered copies "
+                 f"({strategy})", low["vs_fp32"], 0.6),
+            ]
     return rows, scale_memory.table(rows), targets
 
 
@@ -79,6 +89,9 @@ def sync() -> tuple[list[dict], str, list[tuple[str, float, float]]]:
               f"{r['x_raw']:>10.2f}" for r in rows]
     targets = [(f"collective / raw copy, {r['receivers']} receiver(s)", r["x_raw"], 2.0)
                for r in rows if r["transport"] == "collective"]
+    # gloo over loopback TCP is this machine's floor for the collective transport
+    targets += [(f"collective / bare gloo broadcast, {r['receivers']} receiver(s)",
+                 r["x_gloo"], 2.0) for r in rows if r["transport"] == "collective"]
     targets += [(f"collective / object_store, {r['receivers']} receiver(s)",
                  r["s_per_gb"] / o["s_per_gb"], 1.0)
                 for r in rows if r["transport"] == "collective"

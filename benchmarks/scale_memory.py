@@ -1,10 +1,12 @@
-"""Per-rank learner memory: ``fsdp2`` against ``ddp``, ``bfloat16`` against ``float32``.
+"""Per-rank learner memory: ``fsdp2`` against ``ddp``, ``bfloat16`` against ``float32``, and
+bf16 learner state (``learner.master_weights: bfloat16_stochastic``) against float32 state.
 
 A random Qwen2-shaped model (Qwen2.5's vocabulary, tied embeddings unless ``--untied``,
 ~100M parameters by default, built locally from a ``Qwen2Config``: nothing is downloaded),
 2 learner ranks over gloo (spawned processes), the real ``LearnerCore`` with each
-``learner.strategy`` and ``learner.dtype``. After one update every rank adds up the bytes it
-holds between steps:
+``learner.strategy``, ``learner.dtype`` and ``learner.master_weights`` (a config
+``strategy:dtype[:master_weights]``; ``:bf16sr`` is ``bfloat16_stochastic``). After one
+update every rank adds up the bytes it holds between steps:
 
 * parameters, gradients and AdamW state — the tensors themselves (a DTensor counts its local
   shard only), measured, not estimated;
@@ -38,7 +40,9 @@ from services.ports import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("ddp:float32", "fsdp2:float32", "ddp:bfloat16", "fsdp2:bfloat16")
+CONFIGS = ("ddp:float32", "fsdp2:float32", "ddp:bfloat16", "fsdp2:bfloat16",
+           "ddp:bfloat16:bf16sr", "fsdp2:bfloat16:bf16sr")
+MASTER = {"fp32": "float32", "bf16sr": "bfloat16_stochastic"}
 MB = 2**20
 
 
@@ -52,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--untied", action="store_true",
                         help="separate lm_head (as Qwen2.5-7B); default tied (as 0.5B-3B)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS),
-                        help="strategy:dtype pairs")
+                        help="strategy:dtype[:fp32|bf16sr] (master weights, default fp32)")
 
 
 def build_model(args, directory: Path) -> int:
@@ -92,7 +96,7 @@ def _gathered_bytes(model, strategy: str, dtype) -> int:
     return (root + max(map(size, groups)) + max(map(size, layers))) * dtype.itemsize
 
 
-def _rank(rank, world_size, port, model_dir, strategy, dtype, seq, out):
+def _rank(rank, world_size, port, model_dir, strategy, dtype, master, seq, out):
     import torch
     import torch.distributed as dist
 
@@ -107,7 +111,8 @@ def _rank(rank, world_size, port, model_dir, strategy, dtype, seq, out):
             "model": {"path": model_dir}, "data": {"path": "unused", "prompts_per_step": 2},
             "rollout": {"group_size": world_size},
             "learner": {"workers": world_size, "mini_batch_prompts": 2, "strategy": strategy,
-                        "dtype": dtype, "shared_prompt_forward": False, "lr": 1e-5},
+                        "dtype": dtype, "master_weights": MASTER[master],
+                        "shared_prompt_forward": False, "lr": 1e-5},
         })
         core = LearnerCore(model_dir, config, rank=rank, world_size=world_size)
         rows = 2  # this rank's share of a 4-sequence mini-batch
@@ -149,13 +154,13 @@ def run(args) -> list[dict]:
         model_dir = Path(tmp) / "model"
         n_params = build_model(args, model_dir)
         for pair in args.configs:
-            strategy, dtype = pair.split(":")
+            strategy, dtype, master = (pair + ":fp32").split(":")[:3]
             out = Path(tmp) / pair.replace(":", "-")
             out.mkdir()
             mp.spawn(_rank, args=(args.ranks, free_port(), str(model_dir), strategy, dtype,
-                                  args.seq, str(out)), nprocs=args.ranks)
+                                  master, args.seq, str(out)), nprocs=args.ranks)
             ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(args.ranks)]
-            row = {"strategy": strategy, "dtype": dtype, "ranks": args.ranks,
+            row = {"strategy": strategy, "dtype": dtype, "master": master, "ranks": args.ranks,
                    "parameters": n_params,
                    **{k: max(r[k] for r in ranks) / MB
                       for k in ("params", "grads", "optimizer", "gathered")},
@@ -163,23 +168,25 @@ def run(args) -> list[dict]:
             row["held"] = row["params"] + row["grads"] + row["optimizer"]
             row["peak"] = row["held"] + row["gathered"]
             rows.append(row)
-    by = {(r["strategy"], r["dtype"]): r for r in rows}
+    by = {(r["strategy"], r["dtype"], r["master"]): r for r in rows}
     for row in rows:
-        ddp = by.get(("ddp", row["dtype"]))
-        fp32 = by.get((row["strategy"], "float32"))
+        ddp = by.get(("ddp", row["dtype"], row["master"]))
+        fp32 = by.get((row["strategy"], "float32", "fp32"))
         row["vs_ddp"] = row["peak"] / ddp["peak"] if ddp else None
         row["vs_fp32"] = row["peak"] / fp32["peak"] if fp32 else None
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'strategy':8} {'dtype':9} {'params':>8} {'grads':>8} {'adamw':>8} {'held':>8} "
-            f"{'gathered':>9} {'peak':>8} {'vs ddp':>7} {'vs fp32':>8} {'step s':>7}")
+    head = (f"{'strategy':8} {'dtype':9} {'master':6} {'params':>8} {'grads':>8} "
+            f"{'adamw':>8} {'held':>8} {'gathered':>9} {'peak':>8} {'vs ddp':>7} "
+            f"{'vs fp32':>8} {'step s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = {k: "-" if r[k] is None else f"{r[k]:.2f}x" for k in ("vs_ddp", "vs_fp32")}
-        lines.append(f"{r['strategy']:8} {r['dtype']:9} {r['params']:8.1f} {r['grads']:8.1f} "
-                     f"{r['optimizer']:8.1f} {r['held']:8.1f} {r['gathered']:9.1f} "
+        lines.append(f"{r['strategy']:8} {r['dtype']:9} {r['master']:6} {r['params']:8.1f} "
+                     f"{r['grads']:8.1f} {r['optimizer']:8.1f} {r['held']:8.1f} "
+                     f"{r['gathered']:9.1f} "
                      f"{r['peak']:8.1f} {ratio['vs_ddp']:>7} {ratio['vs_fp32']:>8} "
                      f"{r['step_s']:7.1f}")
     return "\n".join(lines)

@@ -5,15 +5,20 @@ MLP 2048, vocab 32,000, tied embeddings: 100.1M parameters, 0.373 GB (2^30 bytes
 published from one "learner rank 0" actor to 1 or 2 "rollout worker" actors, all on this machine's
 embedded Ray. Each transport runs its real code: ``ObjectStoreSync`` / ``CollectiveSync``
 ``publish`` on the driver, ``send`` in the source actor (the same call a ``Learner`` makes,
-on a stand-in for ``LearnerCore`` that returns the state dict), ``receive`` in each worker.
-A worker only receives (no model to load into), so the figures are the transport's own.
+on a stand-in for ``LearnerCore`` under ``ddp``: ``full_state_dict`` returns a CPU copy,
+``full_state_dict_view`` the weights themselves), ``receive`` in each worker, which keeps one
+``WeightSync`` per transport across syncs as a ``RolloutWorker`` does. A worker only receives
+(no model to load into), so the figures are the transport's own.
 
 * ``object_store``: the driver's wall time from ``publish`` until every worker holds the
   state dict (``ray.get`` of the returned object);
 * ``collective``: the same span: packing into buckets (cast to the rollout dtype, float32
   here), the check-in through the driver's store and the gloo broadcast;
 * ``raw copy``: one in-memory copy of the same bytes (``torch.Tensor.copy_`` into a
-  pre-touched buffer) inside a worker actor: the floor any transport pays at least once.
+  pre-touched buffer) inside a worker actor: the floor any transport pays at least once;
+* ``bare gloo``: a bare ``ProcessGroupGloo`` broadcast of the same bytes in the same bucket
+  size between the same actors (buffers allocated once, one group for all repeats): what
+  loopback TCP through gloo costs on this machine, the floor of ``collective`` here.
 
 Seconds per GB = the median of ``--repeats`` timed runs (after one warm-up) / the state's GB.
 
@@ -79,6 +84,9 @@ def _actors():
         def full_state_dict(self):  # LearnerCore.full_state_dict under ddp: a CPU copy
             return {k: v.detach().clone() for k, v in self.state.items()}
 
+        def full_state_dict_view(self):  # LearnerCore's, under ddp: the weights themselves
+            return self.state
+
         def nbytes(self):
             seen = {v.data_ptr(): v.numel() * v.element_size() for v in self.state.values()}
             return sum(seen.values())
@@ -88,20 +96,28 @@ def _actors():
 
             return make_weight_sync(transport).send(self, *args)
 
+        def bare_gloo(self, *args):
+            return _bare_gloo(0, *args)
+
     @ray.remote(num_cpus=1)
     class Sink:
         def __init__(self):
             import torch
 
             torch.set_num_threads(1)
+            self.syncs = {}  # one per transport, kept as a RolloutWorker keeps its own
 
         def receive(self, transport, handle):
             from services.weight_sync import make_weight_sync
 
+            sync = self.syncs.setdefault(transport, make_weight_sync(transport))
             t0 = time.perf_counter()
-            state = make_weight_sync(transport).receive(handle)
+            state = sync.receive(handle)
             seconds = time.perf_counter() - t0
             return seconds, len(state)
+
+        def bare_gloo(self, rank, *args):
+            return _bare_gloo(rank, *args)
 
         def raw_copy(self, nbytes, repeats):
             """Median seconds of one in-memory copy of ``nbytes`` (both buffers touched)."""
@@ -117,6 +133,52 @@ def _actors():
             return statistics.median(times[1:])
 
     return Source, Sink
+
+
+def _bare_gloo(rank, host, port, world, nbytes, bucket_bytes, repeats):
+    """Median seconds of a bare gloo broadcast of ``nbytes`` from rank 0 in buckets of
+    ``bucket_bytes`` (buffers allocated and touched once; one group for all repeats, its
+    members lined up by a barrier before each): the floor of what the ``collective``
+    transport's network part costs here."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=120))
+    group = dist.ProcessGroupGloo(dist.PrefixStore("bare", store), rank, world,
+                                  timedelta(seconds=120))
+    per = max(1, bucket_bytes // 4)
+    data = torch.ones(nbytes // 4) if rank == 0 else torch.zeros(nbytes // 4)
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    times = []
+    for _ in range(repeats + 1):
+        group.barrier().wait()
+        t0 = time.perf_counter()
+        for start in range(0, data.numel(), per):
+            group.broadcast([data[start:start + per]], options).wait()
+        times.append(time.perf_counter() - t0)
+    group.barrier().wait()
+    assert rank == 0 or bool(data[-1] == 1)
+    return statistics.median(times[1:])
+
+
+def _bare_gloo_seconds(source, sinks, nbytes, bucket_bytes, repeats) -> float:
+    """The source's median of :func:`_bare_gloo` between ``source`` and ``sinks``."""
+    from datetime import timedelta
+
+    import ray
+    import torch.distributed as dist
+
+    host = ray.util.get_node_ip_address()
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=120))
+    world = len(sinks) + 1
+    args = (host, store.port, world, nbytes, bucket_bytes, repeats)
+    refs = [source.bare_gloo.remote(*args)]
+    refs += [sink.bare_gloo.remote(rank, *args) for rank, sink in enumerate(sinks, 1)]
+    return ray.get(refs)[0]
 
 
 class _Learners:
@@ -161,6 +223,10 @@ def run(args) -> list[dict]:
         raw = ray.get(sinks[0].raw_copy.remote(nbytes, args.repeats))
         rows.append({"receivers": receivers, "transport": "raw copy", "gb": gb,
                      "s_per_gb": raw / gb, "x_raw": 1.0})
+        bare = _bare_gloo_seconds(source, sinks, nbytes, int(args.bucket_mb * 2**20),
+                                  args.repeats)
+        rows.append({"receivers": receivers, "transport": "bare gloo", "gb": gb,
+                     "s_per_gb": bare / gb, "x_raw": bare / raw})
         for transport in ("object_store", "collective"):
             sync = make_weight_sync(transport)
             if transport == "collective":
@@ -173,6 +239,7 @@ def run(args) -> list[dict]:
             for phase in ("pack_s", "check_in_s", "broadcast_s"):  # collective's source
                 if phase in runs[0][1]:
                     row[phase] = statistics.median(p[phase] for _, p in runs)
+            row["x_gloo"] = seconds / bare
             rows.append(row)
         for sink in sinks:
             ray.kill(sink)
@@ -195,12 +262,13 @@ def main(argv=None) -> None:
           f"{platform.python_version()}; state {rows[0]['gb']:.3f} GB float32; "
           f"median of {args.repeats}; collective buckets {args.bucket_mb:g} MB")
     print(f"{'receivers':>9}  {'transport':<13} {'s/GB':>8}  {'× raw copy':>10}  "
-          f"source phases (s): pack, check-in, broadcast")
+          f"{'× bare gloo':>11}  source phases (s): pack, check-in, broadcast")
     for row in rows:
         phases = ", ".join(f"{row[p]:.3f}" for p in ("pack_s", "check_in_s", "broadcast_s")
                            if p in row)
+        x_gloo = f"{row['x_gloo']:.2f}" if "x_gloo" in row else ""
         print(f"{row['receivers']:>9}  {row['transport']:<13} {row['s_per_gb']:>8.3f}  "
-              f"{row['x_raw']:>10.2f}  {phases}")
+              f"{row['x_raw']:>10.2f}  {x_gloo:>11}  {phases}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,14 @@ Learner, per rank (``P`` parameters, ``W`` ranks, ``c`` the compute dtype's byte
 - ``parameters``: float32 values (the master copy under bfloat16): ``4P``, ``/W`` under fsdp2.
 - ``gradients``: float32 (the gradient of the float32 parameters): ``4P``, ``/W`` under fsdp2.
 - ``optimizer state``: AdamW's two float32 moments: ``8P``, ``/W`` under fsdp2.
-- ``bf16 working copy`` (ddp, bfloat16 only): the parameters cast for compute, ``2P``.
+- With ``master_weights: bfloat16_stochastic`` the three rows above are bf16: ``2P``, ``2P``,
+  ``4P`` (``/W`` under fsdp2), and ``optimizer chunk`` adds the float32 working set of one
+  chunk of the stochastically rounded AdamW step (:mod:`harpo_core.stochastic_rounding`).
+- ``bf16 working copy`` (ddp, bfloat16 with float32 master weights): the parameters cast for
+  compute, ``2P``.
 - ``DDP buckets`` (ddp, more than one rank): DDP's gradient buckets, a second copy of the
-  gradients (``gradient_as_bucket_view`` off, torch's default): ``4P``.
+  gradients (``gradient_as_bucket_view`` off, torch's default): ``4P`` (``2P`` for bf16
+  gradients).
 - ``unsharded unit`` (fsdp2 only): the largest unit ``fully_shard`` gathers whole - a decoder
   layer, or the root (embeddings, final norm, untied ``lm_head``) - as parameters and their
   gradient before the reduce-scatter, in the compute dtype: ``2 c U``.
@@ -37,6 +42,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
+MASTER_WEIGHTS = ("float32", "bfloat16_stochastic")
+# The stochastically rounded AdamW step (harpo_core.stochastic_rounding) works in float32 on
+# chunks of this many elements of a tensor; its temporaries (float32 parameter, gradient, both
+# moments, random and rounded bits) are about CHUNK_TEMPORARIES x 4 bytes per element.
+CHUNK_ELEMENTS = 1 << 22
+CHUNK_TEMPORARIES = 7
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOGIT_BUFFERS = 3  # logits, log-softmax, gradient; float32
 GPU_RUNTIME_RESERVE = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
@@ -132,8 +143,15 @@ class LearnerSetup:
     logprob_chunk_tokens: int | None = None
     reference_model: bool = False
     runtime_reserve: int = 0
+    master_weights: str = "float32"  # or bfloat16_stochastic: bf16 state, 8 B/parameter
 
     def __post_init__(self):
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"learner.master_weights {self.master_weights!r} is invalid: "
+                             f"expected one of {', '.join(MASTER_WEIGHTS)}")
+        if self.master_weights != "float32" and self.dtype != "bfloat16":
+            raise ValueError(f"learner.master_weights {self.master_weights!r} needs "
+                             f"learner.dtype bfloat16, not {self.dtype!r}")
         if self.strategy not in ("ddp", "fsdp2"):
             raise ValueError(f"learner.strategy {self.strategy!r} has no memory model: "
                              f"expected ddp or fsdp2")
@@ -162,15 +180,19 @@ def learner_memory(shape: ModelShape, setup: LearnerSetup) -> dict[str, int]:
     p, w, c = shape.parameters, setup.world_size, DTYPE_BYTES[setup.dtype]
     fsdp = setup.strategy == "fsdp2"
     shard = w if fsdp else 1
+    low = setup.master_weights == "bfloat16_stochastic"
+    state = 2 if low else 4  # bytes of a parameter, its gradient, each moment
     rows = {
-        "parameters": 4 * p // shard,
-        "gradients": 4 * p // shard,
-        "optimizer state": 8 * p // shard,
+        "parameters": state * p // shard,
+        "gradients": state * p // shard,
+        "optimizer state": 2 * state * p // shard,
     }
-    if not fsdp and setup.dtype == "bfloat16":
+    if low:
+        rows["optimizer chunk"] = CHUNK_TEMPORARIES * 4 * min(CHUNK_ELEMENTS, p)
+    if not fsdp and setup.dtype == "bfloat16" and not low:
         rows["bf16 working copy"] = 2 * p
     if not fsdp and w > 1:
-        rows["DDP buckets"] = 4 * p
+        rows["DDP buckets"] = state * p
     if fsdp:
         unit = max(shape.layer_parameters, shape.root_parameters)
         rows["unsharded unit"] = 2 * c * unit

@@ -224,6 +224,9 @@ class RewardSection(Section):
     torch_threads: PositiveInt = 1
 
 
+# Strategies whose parameters, gradients and optimizer state may all be bf16
+# (learner.master_weights: bfloat16_stochastic): the optimizer steps each rank's local tensors.
+LOW_PRECISION_STRATEGIES = ("ddp", "fsdp2")
 _LOSS = LossConfig()  # the loss knobs' defaults (and their checks) live in harpo_core
 
 
@@ -248,6 +251,10 @@ class LearnerSection(Section):
     # Parameter dtype of the training forward/backward (reductions and optimizer state stay
     # float32; see docs/architecture.md).
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # What the optimizer updates: float32 master weights, gradients and AdamW moments (16
+    # B/parameter), or all four in bf16 with the AdamW step rounded stochastically into them
+    # (8 B/parameter; needs dtype bfloat16; harpo_core/bf16_adamw.py, docs/architecture.md).
+    master_weights: Literal["float32", "bfloat16_stochastic"] = "float32"
     # Recompute each decoder layer's activations in the backward pass instead of keeping them.
     activation_checkpointing: bool = False
     # Log-probs from hidden states this many tokens at a time (peak memory O(chunk x vocab));
@@ -277,6 +284,22 @@ class LearnerSection(Section):
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per learner
     torch_threads: PositiveInt = 1
 
+
+    @model_validator(mode="after")
+    def _check_master_weights(self):
+        if self.master_weights == "float32":
+            return self
+        if self.dtype != "bfloat16":
+            raise ValueError(
+                f"learner.master_weights 'bfloat16_stochastic' holds the weights in bf16, so it "
+                f"needs learner.dtype: bfloat16 (got {self.dtype!r}); or keep "
+                f"learner.master_weights: float32")
+        if self.strategy not in LOW_PRECISION_STRATEGIES:
+            raise ValueError(
+                f"learner.master_weights 'bfloat16_stochastic' is built for the strategies "
+                f"{list(LOW_PRECISION_STRATEGIES)}, not learner.strategy {self.strategy!r}; "
+                f"use one of them or learner.master_weights: float32")
+        return self
 
     @model_validator(mode="after")
     def _check_loss(self):

@@ -39,7 +39,7 @@ from harpo_core.losses import policy_loss
 from harpo_core.micro_batches import Padding, plan_micro_batches, split_to_count
 from services.learner_forward import PolicyLogprobs
 from services.learner_mismatch import MismatchGaps, learner_mismatch_rule
-from services.learner_optim import make_optimizer
+from services.learner_optim import cast_master_weights, make_optimizer
 from services.learner_strategies import make_strategy
 from services.model_loading import load_model
 
@@ -147,8 +147,11 @@ class LearnerCore:
         # sharded root gathers the head inside its forward); .model keeps the HF names.
         self.policy = PolicyLogprobs(self.model, **forward)
         self.token_stats = TOKEN_STATS + (TIS_STATS if self.loss.tis_cap is not None else ())
+        self.bf16_state = learner.master_weights == "bfloat16_stochastic"
+        cast_master_weights(self.model, config)  # bf16 master weights: before wrapping
         self.train_model = self.strategy.wrap(self.policy)
-        self.optimizer, self.scheduler = make_optimizer(self.model, config)
+        stream = 0 if self.strategy.replicated else rank  # stochastic rounding's bits
+        self.optimizer, self.scheduler = make_optimizer(self.model, config, stream=stream)
         # prompts with media (services.learner_media): the builder that adds what the model
         # derives from the ids, and the media tensors of this update's prompts by row index
         self.media_inputs = None
@@ -425,8 +428,19 @@ class LearnerCore:
                         ) -> dict[str, torch.Tensor] | None:
         """The policy weights as a CPU state dict (HF names) on rank 0, cast to ``dtype`` when
         given (the rollout dtype), e.g. for the rollout workers; call it on every rank (a
-        sharded strategy gathers collectively), others get None."""
+        sharded strategy gathers collectively), others get None. Without ``dtype``, bf16
+        master weights are published as float32 (exactly: every bf16 value is one), so
+        rollout backends and transports get what a float32-state run gives them."""
+        if dtype is None and self.bf16_state:
+            dtype = torch.float32
         return self.strategy.full_state_dict(self.model, dtype)
+
+    def full_state_dict_view(self) -> dict[str, torch.Tensor] | None:
+        """:meth:`full_state_dict` in the learner's dtype without a copy where the strategy
+        holds the whole model (``ddp``: the parameters themselves, on the learner's device):
+        read it before the next update. For a sender that copies anyway (the ``collective``
+        weight sync fills its buckets from it)."""
+        return self.strategy.full_state_dict(self.model, copy=False)
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """A CPU copy of this rank's policy weights (unwrapped names), all ranks alike under

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 
+from harpo_core.bf16_adamw import StochasticBF16AdamW
+
 if TYPE_CHECKING:
     from services.config import TrainConfig
 
@@ -24,15 +26,33 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.optim.AdamW,
-                                                                         LambdaLR]:
-    """AdamW over ``model``'s parameters and its LR schedule, from ``config.learner``."""
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, *, stream: int = 0
+                   ) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over ``model``'s parameters and its LR schedule, from ``config.learner``.
+
+    ``learner.master_weights: bfloat16_stochastic``: the parameters are bf16 (see
+    :func:`cast_master_weights`) and the optimizer is
+    :class:`harpo_core.bf16_adamw.StochasticBF16AdamW`, its rounding bits seeded from
+    ``run.seed`` and ``stream`` (0 where the ranks hold replicas, the rank where they hold
+    shards)."""
     learner = config.learner
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=tuple(learner.betas),
-                                  weight_decay=learner.weight_decay)
+    hyper = dict(lr=learner.lr, betas=tuple(learner.betas), weight_decay=learner.weight_decay)
+    if learner.master_weights == "bfloat16_stochastic":
+        optimizer = StochasticBF16AdamW(model.parameters(), seed=config.run.seed, stream=stream,
+                                        **hyper)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), **hyper)
     schedule = partial(lr_factor, schedule=learner.lr_schedule,
                        warmup_steps=learner.warmup_steps, total_steps=config.run.steps)
     return optimizer, LambdaLR(optimizer, schedule)
+
+
+def cast_master_weights(model: torch.nn.Module, config: TrainConfig) -> None:
+    """With ``learner.master_weights: bfloat16_stochastic``, store ``model``'s parameters in
+    bf16 (in place, before a strategy wraps it); buffers (rotary tables) stay as they are."""
+    if config.learner.master_weights == "bfloat16_stochastic":
+        for param in model.parameters():  # a tied parameter once
+            param.data = param.data.to(torch.bfloat16)
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int | None) -> float:

@@ -114,7 +114,8 @@ def learner_setup(config: TrainConfig, on_gpu: bool) -> LearnerSetup:
                         activation_checkpointing=lr.activation_checkpointing,
                         logprob_chunk_tokens=lr.logprob_chunk_tokens,
                         reference_model=lr.kl_coef > 0,
-                        runtime_reserve=GPU_RUNTIME_RESERVE if on_gpu else 0)
+                        runtime_reserve=GPU_RUNTIME_RESERVE if on_gpu else 0,
+                        master_weights=lr.master_weights)
 
 
 def request_sequences(config: TrainConfig) -> int:
@@ -206,11 +207,12 @@ class MemoryPlan:
 
     def table(self) -> str:
         s, ls, rs = self.shape, self.learner_setup, self.rollout_setup
+        master = "" if ls.master_weights == "float32" else f" ({ls.master_weights} state)"
         lines = [
             f"memory plan: {s.parameters / 1e9:.2f} B parameters ({s.num_layers} layers, "
             f"hidden {s.hidden_size}, vocab {s.vocab_size}"
             f"{', tied embeddings' if s.tie_word_embeddings else ''})",
-            f"  learner, per rank: {ls.strategy}, {ls.dtype}, {ls.world_size} rank(s); "
+            f"  learner, per rank: {ls.strategy}, {ls.dtype}{master}, {ls.world_size} rank(s); "
             f"micro-batch {ls.micro_batch_rows} x {ls.tokens_per_row} tokens; activation "
             f"checkpointing {'on' if ls.activation_checkpointing else 'off'}; logits "
             f"{ls.logit_rows} tokens at once",
@@ -317,6 +319,11 @@ def _learner_changes(plan: MemoryPlan) -> list[str]:
                            replace(setup, logprob_chunk_tokens=SUGGESTED_CHUNK)))
     if setup.micro_batch_rows > 1:
         candidates.append(("learner.micro_batch_size: 1", replace(setup, micro_batch_rows=1)))
+    if setup.master_weights == "float32":  # bf16 state: 8 instead of 16 bytes per parameter
+        knob = "learner.master_weights: bfloat16_stochastic" + (
+            "" if setup.dtype == "bfloat16" else " with learner.dtype: bfloat16")
+        candidates.append((knob, replace(setup, dtype="bfloat16",
+                                         master_weights="bfloat16_stochastic")))
     device = plan.learner_device
 
     def result(total: int) -> str:

@@ -51,6 +51,10 @@ class LearnerStrategy:
     """
 
     name: str = ""
+    # True when every rank holds the same full parameters (ddp): then any randomness in the
+    # optimizer step (stochastic rounding) must be the same on every rank, or the replicas
+    # drift apart. A strategy whose ranks hold shards sets False (each rank draws its own).
+    replicated: bool = True
 
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
                  dtype: str = "float32", activation_checkpointing: bool = False):
@@ -80,11 +84,13 @@ class LearnerStrategy:
         gradients accumulate locally, without communication."""
         raise NotImplementedError
 
-    def full_state_dict(self, model: torch.nn.Module, dtype: torch.dtype | None = None
-                        ) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, model: torch.nn.Module, dtype: torch.dtype | None = None,
+                        copy: bool = True) -> dict[str, torch.Tensor] | None:
         """The whole policy as a CPU state dict (HF names) on rank 0, cast to ``dtype`` when
         given (the rollout dtype); every rank must call it (a sharded strategy gathers
-        collectively), the others get None."""
+        collectively), the others get None. ``copy=False`` (no ``dtype``): the model's own
+        tensors where a rank holds them whole, on their device, valid until the next update
+        (a strategy that must gather returns its gathered copy)."""
         raise NotImplementedError
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

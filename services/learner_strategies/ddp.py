@@ -5,8 +5,10 @@ With one rank the model is trained as it is (no wrapper, no process group). Chec
 
 Precision (``learner.dtype: bfloat16``): fp32 parameters, gradients and AdamW state, bf16
 compute through ``torch.autocast`` around the training forward pass (the same scheme as
-``fsdp2``'s, see there for why the parameters stay fp32). Activation checkpointing recomputes
-each decoder layer in the backward pass.
+``fsdp2``'s, see there for why the parameters stay fp32). With ``learner.master_weights:
+bfloat16_stochastic`` the parameters are bf16 (cast before ``wrap``), so DDP all-reduces bf16
+gradients, and every rank rounds the update with the same bits (``replicated``): the replicas
+stay identical. Activation checkpointing recomputes each decoder layer in the backward pass.
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ class DDPStrategy(LearnerStrategy):
             train_model = train_model.module
         return train_model.no_sync() if self.world_size > 1 else nullcontext()
 
-    def full_state_dict(self, model, dtype=None):
+    def full_state_dict(self, model, dtype=None, copy=True):
         if self.rank != 0:
             return None
-        return {k: v.detach().to("cpu", dtype=dtype, copy=True)
-                for k, v in hf_state_dict(model, model.state_dict()).items()}
+        state = hf_state_dict(model, model.state_dict())
+        if not copy and dtype is None:  # the parameters themselves (tied ones stay tied)
+            return {k: v.detach() for k, v in state.items()}
+        return {k: v.detach().to("cpu", dtype=dtype, copy=True) for k, v in state.items()}
 
     def save(self, model, optimizer, scheduler, directory):
         from services.learner_optim import save_optimizer_state

@@ -20,6 +20,10 @@ keeps 8 mantissa bits, so a parameter of magnitude ~1e-2 moves only in steps of 
 AdamW update of ~lr = 1e-6 (the paper's rate) rounds to no change at all. The cost: bf16 does
 not shrink the state held between steps (4 + 4 + 8 bytes per parameter, divided by W); it
 shrinks the all-gathered layer copies, the activations and the communication of parameters.
+``learner.master_weights: bfloat16_stochastic`` shards bf16 parameters instead (LearnerCore
+casts them before ``wrap``): the gradient shards come back bf16 (reduced in fp32) and the
+optimizer (:mod:`harpo_core.bf16_adamw`) rounds each rank's update stochastically into its own
+bf16 shards, with bits of its own (``replicated = False``): 8 bytes per parameter, ``/W``.
 
 Activation checkpointing (``learner.activation_checkpointing``) is applied to the decoder
 layers before sharding: each layer's forward is recomputed in its backward pass.
@@ -62,6 +66,8 @@ def _one_rank_group(device: torch.device) -> None:
 
 @register_strategy("fsdp2")
 class FSDP2Strategy(LearnerStrategy):
+    replicated = False  # each rank holds (and rounds) its own shards
+
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
                  dtype: str = "float32", activation_checkpointing: bool = False):
         super().__init__(rank=rank, world_size=world_size, device=device, dtype=dtype,
@@ -105,7 +111,10 @@ class FSDP2Strategy(LearnerStrategy):
         finally:
             train_model.set_requires_gradient_sync(True)
 
-    def full_state_dict(self, model, dtype=None):
+    def full_state_dict(self, model, dtype=None, copy=True):
+        # gathered to CPU either way (copy=False has nothing to save). On a GPU the collective
+        # sync then copies host to device; gathering tensor by tensor on the device straight
+        # into its buckets would save that copy (not built)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)  # collective, rank 0 keeps it
         if self.rank != 0:

@@ -31,6 +31,16 @@ into all buckets (:meth:`CollectiveSync.receive`). A stream broken part-way leav
 layers updated: the worker then serves nothing until a full load succeeds
 (:class:`services.rollout.worker.RolloutWorker`).
 
+Copies. The source fills its buckets straight from the learner's tensors — under ``ddp`` the
+parameters themselves (``LearnerCore.full_state_dict_view``), under ``fsdp2`` the gathered
+state dict — casting on the way: one copy. The buckets are allocated once and refilled by
+every publish of the same layout (fresh memory would be paged in by the copy, which costs as
+much as the copy). Broadcasts are asynchronous, two in flight (:data:`IN_FLIGHT`): the source
+fills bucket k+1 while bucket k is on the wire, a streaming receiver has bucket k+1 on the wire
+while its backend loads bucket k, and a CPU receiver of whole state dicts keeps its buckets for
+the next version. On this machine the broadcast itself (gloo over loopback TCP) is the floor:
+``benchmarks/scale_sync.py`` measures a bare gloo broadcast of the same bytes next to it.
+
 Failures never hang. Members first check in through the store; the driver can *abort* an
 epoch (the pool does when a member of it died), and a member waiting to check in stops at
 once with :class:`SyncAborted`. Once all have checked in, a member that dies mid-broadcast
@@ -46,6 +56,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -58,8 +70,9 @@ from services.weight_sync import WeightHandle, WeightSync, register_weight_sync
 from services.weight_sync._buckets import (
     dtype_of,
     empty_buckets,
+    fill,
     nbytes,
-    pack,
+    plan,
     unpack,
     unpack_stream,
 )
@@ -72,6 +85,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.005  # how often a member waiting to check in looks at the store
 DEFAULT_BUCKET_MB = 64.0  # rollout.collective's defaults, for a driver not given a config
 DEFAULT_TIMEOUT_S = 300.0
+IN_FLIGHT = 2  # broadcasts a member keeps outstanding (the one on the wire and the next)
 
 
 class SyncAborted(RuntimeError):
@@ -111,11 +125,36 @@ class Rendezvous:
 
 @dataclass
 class _Sent:
-    """What learner rank 0 keeps of its last send, for re-issues."""
+    """Learner rank 0's buckets: allocated once and refilled by every publish whose layout
+    fits them; kept until the next publish, for re-issues."""
 
-    epoch: int
+    epoch: int | None  # the publish whose weights they hold whole; None while being filled
     layout: dict
     buckets: list
+    reused: bool = False  # filled into the previous publish's buckets
+
+
+class _Timer:
+    """Iterate ``items`` counting the seconds spent producing them."""
+
+    def __init__(self, items: Iterator):
+        self.items, self.seconds = items, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def after(self, first) -> Iterator:
+        """``first`` (unless None), then the rest."""
+        if first is not None:
+            yield first
+        yield from self
 
 
 _LAST_SENT: _Sent | None = None  # in a learner process: its last publish's buckets
@@ -180,20 +219,51 @@ class _Member:
         self.options = dist.BroadcastOptions()
         self.options.rootRank = 0
 
-    def broadcast(self, bucket: torch.Tensor) -> None:
+    def start(self, bucket: torch.Tensor):
+        """Start broadcasting ``bucket`` (the source's to everyone's); returns the work to
+        :meth:`wait` for."""
         if self.group is None:
             raise WeightSyncBroken(f"weight-sync epoch {self.rdv.epoch}: the group is closed")
         error = None
         try:
-            self.group.broadcast([bucket], self.options).wait()
+            return self.group.broadcast([bucket], self.options)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once the group is gone
+            error = f"{type(exc).__name__}: {exc}"
+        self._fail(error)
+
+    def wait(self, work) -> None:
+        error = None
+        try:
+            work.wait()
         except Exception as exc:  # noqa: BLE001 - re-raised below, once the group is gone
             error = f"{type(exc).__name__}: {exc}"
         if error is not None:
-            self.close()
-            raise WeightSyncBroken(f"weight-sync epoch {self.rdv.epoch}, rank {self.rank} of "
-                                   f"{self.rdv.world}: {error}")
+            self._fail(error)
+
+    def broadcast(self, bucket: torch.Tensor) -> None:
+        self.wait(self.start(bucket))
+
+    def broadcast_all(self, buckets: Iterable[torch.Tensor]) -> None:
+        """Broadcast ``buckets`` in order, each started before the previous one is waited
+        for: the group's thread sends (receives) one while this thread produces (allocates)
+        the next, e.g. the source fills bucket k+1 while bucket k is on the wire. At most
+        :data:`IN_FLIGHT` broadcasts are outstanding, so a failure stops it soon."""
+        works: deque = deque()
+        for bucket in buckets:
+            works.append(self.start(bucket))
+            if len(works) >= IN_FLIGHT:
+                self.wait(works.popleft())
+        while works:
+            self.wait(works.popleft())
+
+    def _fail(self, error: str):
+        self.group = None  # no synchronize: the failed work may never end
+        raise WeightSyncBroken(f"weight-sync epoch {self.rdv.epoch}, rank {self.rank} of "
+                               f"{self.rdv.world}: {error}")
 
     def close(self) -> None:
+        if self.group is not None and self.rdv.backend == "nccl":  # not run on a GPU yet
+            torch.cuda.synchronize()  # the last broadcasts ran on NCCL's stream
         self.group = None
 
 
@@ -215,6 +285,7 @@ class CollectiveSync(WeightSync):
         self._forgotten = 0  # epochs up to this one have no layout in the store any more
         self._learners = None
         self._sends: list[ray.ObjectRef] = []  # learner tasks not yet collected
+        self._inbox: list[torch.Tensor] | None = None  # a CPU receiver's buckets, reused
 
     def configure(self, config: TrainConfig) -> CollectiveSync:
         section = config.rollout.collective
@@ -267,8 +338,10 @@ class CollectiveSync(WeightSync):
 
     def collect(self) -> list[dict]:
         """Wait for the learner side of every publish and re-issue so far; returns the source's
-        figures of each (bytes, pack_s, broadcast_s). Failures are the mirror of the workers'
-        (which the pool acts on), so they are logged, not raised."""
+        figures of each: bytes; seconds filling buckets (``pack_s``, inside ``broadcast_s``
+        after the first bucket), checking in, broadcasting, in all (``total_s``); whether the
+        kept buckets were refilled (``reused``). Failures are the mirror of the workers' (which
+        the pool acts on), so they are logged, not raised."""
         sends, self._sends = self._sends, []
         done = []
         for ref in sends:
@@ -287,48 +360,72 @@ class CollectiveSync(WeightSync):
         t0 = time.perf_counter()
         weights = None  # a re-issue sends the buckets kept from its publish
         if rdv.source_epoch == rdv.epoch:
-            # every rank: a sharded strategy gathers here. In the learner's dtype: pack casts
-            # while it copies into the buckets (a cast here would be one more copy, and would
-            # untie the tied embeddings, which then travel twice)
-            weights = core.full_state_dict()
+            # every rank: a sharded strategy gathers here. In the learner's dtype and, where
+            # the strategy holds the whole model (ddp), the live tensors themselves: filling
+            # the buckets casts and copies once (a cast or a copy here would be one more, and
+            # a cast would untie the tied embeddings, which would then travel twice)
+            weights = getattr(core, "full_state_dict_view", core.full_state_dict)()
             if weights is None:  # not the source
                 return None
         elif core.rank != 0:
             return None
         store = _client(rdv)
         try:
-            sent = self._buckets(weights, rdv)
+            sent, fills = self._buckets(weights, rdv)
         except BaseException:
             store.set("aborted", "1")  # the workers stop waiting for a source that never comes
             raise
-        weights = None  # only the buckets stay while they are sent
-        t1 = time.perf_counter()
-        store.set("layout", json.dumps(sent.layout))
-        _check_in(store, rdv, 0)
-        t2 = time.perf_counter()
-        member = _Member(store, rdv, 0)
-        store.add("formed", 1)  # the group is up (a count for tests and debugging)
-        for bucket in sent.buckets:
-            member.broadcast(bucket)
-        member.close()
-        return {"bytes": nbytes(sent.buckets), "pack_s": t1 - t0, "check_in_s": t2 - t1,
-                "broadcast_s": time.perf_counter() - t2}
+        weights = None
+        filled = _Timer(fills)
+        try:
+            store.set("layout", json.dumps(sent.layout))
+            first = next(filled, None)  # while the workers check in
+            t1 = time.perf_counter()
+            _check_in(store, rdv, 0)
+            t2 = time.perf_counter()
+            member = _Member(store, rdv, 0)
+            store.add("formed", 1)  # the group is up (a count for tests and debugging)
+            member.broadcast_all(filled.after(first))
+            member.close()
+        finally:  # whatever failed, the kept buckets are filled whole for a re-issue
+            for _ in filled:
+                pass
+        t3 = time.perf_counter()
+        return {"bytes": nbytes(sent.buckets), "pack_s": filled.seconds,
+                "check_in_s": t2 - t1, "broadcast_s": t3 - t2, "total_s": t3 - t0,
+                "reused": sent.reused}
 
     @staticmethod
-    def _buckets(weights: dict | None, rdv: Rendezvous) -> _Sent:
-        """Pack ``weights`` and keep them for re-issues; None: the kept ones (a re-issue)."""
+    def _buckets(weights: dict | None, rdv: Rendezvous
+                 ) -> tuple[_Sent, Iterator[torch.Tensor]]:
+        """What to send and the buckets in sending order, each yielded once it is full: a
+        publish fills them one by one as they are asked for (the kept buckets again when its
+        layout fits them); a re-issue (``weights`` None) sends the kept ones as they are."""
         global _LAST_SENT
         if weights is not None:
-            _LAST_SENT = None  # the previous version's buckets go before the new ones come
-            layout, buckets = pack(weights, dtype_of(rdv.dtype), rdv.bucket_bytes,
-                                   device=_device(rdv))
-            _LAST_SENT = _Sent(rdv.epoch, layout, buckets)
+            layout, sources = plan(weights, dtype_of(rdv.dtype), rdv.bucket_bytes)
+            kept = _LAST_SENT
+            _LAST_SENT = None  # the previous version is gone from here on
+            if kept is not None and kept.layout["buckets"] == layout["buckets"] \
+                    and all(b.device.type == _device(rdv) for b in kept.buckets):
+                buckets, reused = kept.buckets, True
+            else:
+                kept = None  # freed before the new ones are allocated
+                buckets, reused = empty_buckets(layout, _device(rdv)), False
+            sent = _LAST_SENT = _Sent(None, layout, buckets, reused)
+
+            def fills():
+                for members, bucket in zip(sources, buckets):
+                    yield fill(members, bucket)
+                sent.epoch = rdv.epoch  # whole: a re-issue may send them
+
+            return sent, fills()
         sent = _LAST_SENT
         if sent is None or sent.epoch != rdv.source_epoch:
             raise RuntimeError(
                 f"learner rank 0 no longer holds the weights of weight-sync epoch "
                 f"{rdv.source_epoch} (it holds {sent and sent.epoch}); publish again")
-        return sent
+        return sent, iter(sent.buckets)
 
     # ------------------------------------------------------------------ rollout worker
 
@@ -348,22 +445,43 @@ class CollectiveSync(WeightSync):
         return layout, member
 
     def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        """The state dict, as views into buckets that are received all at once. On CPU this
+        instance keeps them and receives the next version into the same memory (a fresh
+        allocation would be paged in by the receive itself, which costs as much as the
+        transfer): load or copy the tensors before the next ``receive`` on this instance (a
+        rollout worker loads them at once). On a GPU the caching allocator reuses memory
+        without this, and a kept copy would hold accelerator memory."""
         layout, member = self._join(handle)
-        buckets = empty_buckets(layout, _device(handle.payload))
-        for bucket in buckets:
-            member.broadcast(bucket)
+        device = _device(handle.payload)
+        buckets = self._inbox if device == "cpu" and self._inbox_fits(layout) else None
+        if buckets is None:
+            self._inbox = None
+            buckets = empty_buckets(layout, device)
+        member.broadcast_all(buckets)
         member.close()
+        if device == "cpu":
+            self._inbox = buckets
         return unpack(layout, buckets)
+
+    def _inbox_fits(self, layout: dict) -> bool:
+        return self._inbox is not None and len(self._inbox) == len(layout["buckets"]) and all(
+            str(b.dtype) == f"torch.{dtype}" and b.numel() == numel
+            for b, (dtype, numel) in zip(self._inbox, layout["buckets"]))
 
     def receive_stream(self, handle: WeightHandle):
         """The names, then ``(name, tensor)`` as each bucket arrives (the group is joined
-        before this returns; the broadcast advances as the iterator is consumed)."""
+        before this returns; the broadcast advances as the iterator is consumed, the next
+        bucket on the wire while the consumer loads this one's tensors)."""
         layout, member = self._join(handle)
         names = [entry[0] for entry in layout["tensors"]]
 
+        def start(bucket):
+            work = member.start(bucket)
+            return lambda: member.wait(work)
+
         def tensors():
             try:
-                yield from unpack_stream(layout, member.broadcast, _device(handle.payload))
+                yield from unpack_stream(layout, start, _device(handle.payload))
             finally:  # done, failed, or abandoned by the consumer: leave the group
                 member.close()
 

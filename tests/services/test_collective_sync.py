@@ -163,6 +163,78 @@ def test_a_receiver_waiting_for_a_group_that_cannot_form_stops_at_once(how):
     assert time.monotonic() - t0 < 30  # not the 60 s timeout
 
 
+def test_a_stream_that_starts_the_next_bucket_early_yields_what_a_blocking_one_does():
+    from services.weight_sync._buckets import unpack_stream
+
+    g = torch.Generator().manual_seed(2)
+    state = {"a": torch.randn(40, generator=g), "b": torch.randn(3, 10, generator=g),
+             "n": torch.arange(6), "c": torch.randn(50, generator=g)}
+    state["tied"] = state["a"]
+    layout, sent = pack(state, None, bucket_bytes=160)
+    assert len(sent) == 4  # a | b | c (float32, 40 values each at most, but c alone) | n
+    events = []
+
+    def blocking(bucket):  # fills the bucket before it returns
+        events.append(("filled", None))
+        bucket.copy_(sent[len(events) - 1])
+
+    def started(bucket):  # "on the wire": filled only when waited for
+        k = sum(e[0] == "start" for e in events)
+        events.append(("start", k))
+        return lambda: (events.append(("wait", k)), bucket.copy_(sent[k]))[0]
+
+    plain = [(name, t.clone()) for name, t in unpack_stream(layout, blocking)]
+    events.clear()
+    early = []
+    for name, t in unpack_stream(layout, started):
+        early.append((name, t.clone()))
+        events.append(("yield", name))
+    assert [n for n, _ in early] == [n for n, _ in plain] == ["a", "tied", "b", "c", "n"]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(early, plain))
+    _assert_same(dict(early), state)
+    # bucket k+1 is on the wire before bucket k's tensors are handed out, never two ahead
+    first_yield = events.index(("yield", "a"))
+    assert events[:first_yield] == [("start", 0), ("wait", 0), ("start", 1)]
+    assert max(k for e, k in events if e == "start") == len(sent) - 1
+
+
+def test_the_source_and_a_receiver_reuse_their_buckets_and_an_aborted_publish_stays_whole():
+    """Two publishes of the same layout fill the same source buckets and land in the same
+    receiver buckets, each with the right weights; a publish aborted while the source waits
+    for a worker still fills its buckets whole, so a re-issue sends that version."""
+    from services.weight_sync import WeightHandle
+    from services.weight_sync.collective import CollectiveSync, SyncAborted
+
+    g = torch.Generator().manual_seed(3)
+    versions = [{"embed": torch.randn(64, 16, generator=g), "w": torch.randn(40, generator=g),
+                 "steps": torch.arange(3)} for _ in range(3)]
+    sync, receiver = _driver(bucket_bytes=512), CollectiveSync()  # a worker keeps its own
+    got, reports = [], []
+    for weights in versions[:2]:
+        rdv = sync._rendezvous(1)
+        sender, sent = _in_thread(CollectiveSync().send, _Source(weights), rdv)
+        got.append(receiver.receive(WeightHandle("collective", rdv)))
+        _assert_same({k: v.clone() for k, v in got[-1].items()}, weights)
+        sender.join(timeout=60)
+        assert "error" not in sent, sent.get("error")
+        reports.append(sent["value"])
+    assert [r["reused"] for r in reports] == [False, True]
+    assert reports[1]["bytes"] == (64 * 16 + 40) * 4 + 3 * 8
+    assert got[0]["embed"].data_ptr() == got[1]["embed"].data_ptr()  # the same memory
+    # aborted while waiting for its second worker: the source still fills every bucket
+    rdv = sync._rendezvous(2)
+    sender, sent = _in_thread(CollectiveSync().send, _Source(versions[2]), rdv)
+    time.sleep(0.2)
+    sync.abort(WeightHandle("collective", rdv))
+    sender.join(timeout=30)
+    assert isinstance(sent.get("error"), SyncAborted), sent
+    again = sync._rendezvous(1, source_epoch=rdv.epoch)
+    sender, sent = _in_thread(CollectiveSync().send, _Source(None), again)
+    _assert_same(receiver.receive(WeightHandle("collective", again)), versions[2])
+    sender.join(timeout=60)
+    assert "error" not in sent, sent.get("error")
+
+
 # ------------------------------------------------------------------ one run's actors
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,21 @@ def test_update_changes_params_and_returns_finite_metrics(model_dir):
     assert 0 < metrics["entropy"] <= math.log(VOCAB) + 1e-5
 
 
+def test_the_weights_view_is_the_live_parameters_and_equals_the_copy(model_dir):
+    """What the collective weight sync fills its buckets from under ddp: no copy."""
+    learner = LearnerCore(model_dir, make_config(**COMMON))
+    view, copy_ = learner.full_state_dict_view(), learner.full_state_dict()
+    assert view.keys() == copy_.keys()
+    assert all(torch.equal(view[k], copy_[k]) for k in view)
+    live = {p.data_ptr() for p in learner.model.parameters()}
+    assert view["model.embed_tokens.weight"].data_ptr() in live
+    assert copy_["model.embed_tokens.weight"].data_ptr() not in live
+    train(learner, make_batch())  # the view moves with the model, the copy does not
+    moved = [k for k in view if not torch.equal(view[k], copy_[k])]
+    assert moved and all(torch.equal(view[k], v)
+                         for k, v in learner.full_state_dict().items())
+
+
 def test_on_policy_batch_has_no_mismatch_and_no_clipping(model_dir):
     learner = LearnerCore(model_dir, make_config(BATCH, lr=1e-3, micro_batch_size=3))
     batch = make_batch()
@@ -267,9 +282,11 @@ def test_shard_batch_puts_every_global_mini_batch_on_all_ranks():
 
 # ------------------------------------------------------------------- checkpointing
 
-def test_save_and_load_resume_identically(model_dir, tmp_path):
+@pytest.mark.parametrize("precision", [{}, dict(dtype="bfloat16",
+                                                master_weights="bfloat16_stochastic")])
+def test_save_and_load_resume_identically(model_dir, tmp_path, precision):
     config = make_config(run={"steps": 10}, lr_schedule="cosine", warmup_steps=1,
-                         weight_decay=0.1, **COMMON)
+                         weight_decay=0.1, **COMMON, **precision)
     first, second = make_batch(seed=2), make_batch(seed=3)
     uninterrupted = LearnerCore(model_dir, config)
     train(uninterrupted, first)
@@ -284,6 +301,16 @@ def test_save_and_load_resume_identically(model_dir, tmp_path):
     assert got["lr"] == expected["lr"]
     assert got["loss"] == pytest.approx(expected["loss"], abs=1e-7)
     assert not any(path.suffix in (".pt", ".pkl", ".bin") for path in (tmp_path / "ckpt").iterdir())
+    if precision:  # bf16 weights and moments, stochastically rounded: the same bits exactly
+        assert all(torch.equal(value, params(resumed)[name])
+                   for name, value in params(uninterrupted).items())
+        assert {p.dtype for p in resumed.model.parameters()} == {torch.bfloat16}
+        published = resumed.full_state_dict()  # for rollout workers: float32, exactly the bf16
+        assert all(published[name].dtype == torch.float32
+                   and torch.equal(published[name], value.float())
+                   for name, value in params(resumed).items())
+        saved = load_file(str(tmp_path / "ckpt" / "optimizer.safetensors"))
+        assert {v.dtype for k, v in saved.items() if "exp_avg" in k} == {torch.bfloat16}
 
 
 def test_lr_schedules_by_hand():
@@ -339,6 +366,12 @@ def test_scheduler_drives_the_optimizer_lr_once_per_update(model_dir):
          r"learner.logprob_mismatch_tolerance: Input should be greater than 0"),
         (config_data(strategy="fsdp"),
          r"learner.strategy: unknown learner strategy 'fsdp'; available: \['ddp', 'fsdp2'\]"),
+        (config_data(master_weights="bfloat16_stochastic"),
+         r"learner: learner.master_weights 'bfloat16_stochastic' holds the weights in bf16, so "
+         r"it needs learner.dtype: bfloat16 \(got 'float32'\); or keep "
+         r"learner.master_weights: float32"),
+        (config_data(dtype="bfloat16", master_weights="bfloat16"),
+         r"learner.master_weights: Input should be 'float32' or 'bfloat16_stochastic'"),
         ({**config_data(workers=2, mini_batch_prompts=1), "rollout": {"group_size": 3}},
          r"learner.workers \(2\) must divide the sequences of a mini-batch .* = 3\)"),
     ],
@@ -346,6 +379,19 @@ def test_scheduler_drives_the_optimizer_lr_once_per_update(model_dir):
 def test_bad_config_knobs_are_rejected(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_bf16_master_weights_name_the_strategies_they_support(monkeypatch):
+    """A learner strategy other than ddp / fsdp2 (a plugin) is refused with bf16 state."""
+    from services.learner_strategies import STRATEGIES, LearnerStrategy
+
+    monkeypatch.setitem(STRATEGIES._classes, "toy", LearnerStrategy)
+    data = config_data(strategy="toy", dtype="bfloat16", master_weights="bfloat16_stochastic")
+    with pytest.raises(ConfigError, match=r"learner.master_weights 'bfloat16_stochastic' is "
+                                          r"built for the strategies \['ddp', 'fsdp2'\], not "
+                                          r"learner.strategy 'toy'"):
+        parse_config(data)
+    assert parse_config(config_data(strategy="toy")).learner.master_weights == "float32"
 
 
 def test_the_loss_knobs_have_one_source_of_defaults_and_checks():

@@ -48,6 +48,22 @@ RUNS = [
                                activation_checkpointing=True, **PLAIN)),
 ]
 BF16_UPDATES = 4
+# bf16 weights, gradients and AdamW moments, the update rounded stochastically into them
+LOW_PRECISION = dict(dtype="bfloat16", master_weights="bfloat16_stochastic")
+
+
+def held_bytes(core) -> dict:
+    """Bytes this rank holds in parameters, gradients and optimizer state (a DTensor: its local
+    shard), and the dtypes they are in."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = [local(p) for p in core.model.parameters()]
+    grads = [local(p.grad) for p in core.model.parameters() if p.grad is not None]
+    state = [local(v) for s in core.optimizer.state.values() for v in s.values()
+             if torch.is_tensor(v) and v.dim() > 0]  # moments (not the step counters)
+    return {"bytes": sum(t.numel() * t.element_size() for t in params + grads + state),
+            "dtypes": sorted({str(t.dtype) for t in params + grads + state})}
 
 
 def tiny_qwen2(path, tied):
@@ -108,23 +124,43 @@ def two_rank_worker(rank, world_size, port, model_dir, untied_dir, out):
                 save_file(weights, f"{out}/{name}.safetensors")
             del core
 
-        # sharded checkpoint -> resume == uninterrupted
-        config = make_config(workers=2, run={"steps": 10}, lr_schedule="cosine",
-                             warmup_steps=1, weight_decay=0.1, strategy="fsdp2", **PLAIN)
-        second = shard_batch(make_batch(seed=3), rank, world_size)
-        uninterrupted = LearnerCore(model_dir, config, rank=rank, world_size=world_size)
-        train(uninterrupted, shard_batch(make_batch(seed=2), rank, world_size))
-        uninterrupted.save(f"{out}/ckpt")
-        expected = train(uninterrupted, second)
-        resumed = LearnerCore(model_dir, config, rank=rank, world_size=world_size)
-        resumed.load(f"{out}/ckpt")
-        got = train(resumed, second)
-        for which, core in (("uninterrupted", uninterrupted), ("resumed", resumed)):
-            weights = core.full_state_dict(torch.float64)
-            if rank == 0:
-                save_file(weights, f"{out}/{which}.safetensors")
-        results["resume"] = {"expected": expected, "got": got}
-        del uninterrupted, resumed
+        # sharded checkpoint -> resume == uninterrupted (fp32 state; bf16 state with
+        # stochastic rounding, whose bits must come out the same after the resume)
+        for key, precision in (("", {}), ("_bf16_sr", LOW_PRECISION)):
+            config = make_config(workers=2, run={"steps": 10}, lr_schedule="cosine",
+                                 warmup_steps=1, weight_decay=0.1, strategy="fsdp2",
+                                 **precision, **PLAIN)
+            second = shard_batch(make_batch(seed=3), rank, world_size)
+            uninterrupted = LearnerCore(model_dir, config, rank=rank, world_size=world_size)
+            train(uninterrupted, shard_batch(make_batch(seed=2), rank, world_size))
+            uninterrupted.save(f"{out}/ckpt{key}")
+            expected = train(uninterrupted, second)
+            resumed = LearnerCore(model_dir, config, rank=rank, world_size=world_size)
+            resumed.load(f"{out}/ckpt{key}")
+            got = train(resumed, second)
+            for which, core in (("uninterrupted", uninterrupted), ("resumed", resumed)):
+                weights = core.full_state_dict(torch.float64)
+                if rank == 0:
+                    save_file(weights, f"{out}/{which}{key}.safetensors")
+            results[f"resume{key}"] = {"expected": expected, "got": got}
+            # what this rank holds after two updates (every rank writes its own)
+            with open(f"{out}/held{key or '_fp32'}-{rank}.json", "w") as f:
+                json.dump(held_bytes(uninterrupted), f)
+            del uninterrupted, resumed
+
+        # ddp replicas with bf16 state round identically on both ranks (or they drift apart)
+        core = LearnerCore(model_dir, make_config(workers=2, strategy="ddp", **LOW_PRECISION,
+                                                  **PLAIN), rank=rank, world_size=world_size)
+        for _ in range(2):
+            train(core, shard)
+        mine = torch.cat([p.detach().float().flatten() for p in core.model.parameters()])
+        theirs = [torch.zeros_like(mine) for _ in range(world_size)]
+        dist.all_gather(theirs, mine)
+        results["ddp_bf16_sr_replicas_equal"] = all(torch.equal(t, mine) for t in theirs)
+        results["ddp_bf16_sr_moved"] = not torch.equal(
+            mine, torch.cat([p.detach().float().flatten() for p in
+                             AutoModelForCausalLM.from_pretrained(model_dir).parameters()]))
+        del core
 
         # bf16 compute: it runs, and learns
         core = LearnerCore(model_dir, make_config(workers=2, strategy="fsdp2", dtype="bfloat16",
@@ -307,3 +343,29 @@ def test_strategies_take_the_hf_model_or_a_wrapper_of_it(model_dir, one_rank_gro
 def test_bad_strategy_knobs_are_config_errors(learner, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(config_data(**learner))
+
+
+def test_bf16_state_with_stochastic_rounding_resumes_exactly_and_holds_half(two_ranks):
+    """learner.master_weights: bfloat16_stochastic under fsdp2 over two ranks: a resumed run
+    rounds with exactly the bits of an uninterrupted one (atol 0), every rank holds bf16
+    parameters, gradients and moments, <= 0.6x (here 0.5x) of the fp32 scheme's bytes; under
+    ddp the two replicas round identically and the update moved them."""
+    out, results = two_ranks
+    expected = load_file(str(out / "uninterrupted_bf16_sr.safetensors"))
+    got = load_file(str(out / "resumed_bf16_sr.safetensors"))
+    assert_same_weights(expected, got, atol=0)
+    fp32_run = load_file(str(out / "uninterrupted.safetensors"))  # same updates, fp32 state
+    assert not all(torch.equal(expected[k], fp32_run[k]) for k in expected)
+    assert results["resume_bf16_sr"]["got"]["loss"] == results["resume_bf16_sr"]["expected"]["loss"]
+    for rank in (0, 1):
+        low, fp32 = (json.loads((out / f"held_{key}-{rank}.json").read_text())
+                     for key in ("bf16_sr", "fp32"))
+        assert low["dtypes"] == ["torch.bfloat16"] and fp32["dtypes"] == ["torch.float32"]
+        assert low["bytes"] <= 0.6 * fp32["bytes"]
+        assert low["bytes"] == fp32["bytes"] // 2
+    state = json.loads((out / "ckpt_bf16_sr" / "sharded_state" / "state.json").read_text())
+    assert state["param_groups"][0]["rounding_seed"] == 0  # run.seed, restored on resume
+    shard = load_file(str(out / "ckpt_bf16_sr" / "sharded_state"
+                          / "shard-00001-model-00001-of-00001.safetensors"))
+    assert {v.dtype for k, v in shard.items() if "exp_avg" in k} == {torch.bfloat16}
+    assert results["ddp_bf16_sr_replicas_equal"] and results["ddp_bf16_sr_moved"]

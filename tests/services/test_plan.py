@@ -135,6 +135,47 @@ def test_accepts_7b_bf16_fsdp2_over_8_ranks_of_80_gib(qwen7b, tmp_path, capsys):
     assert out.rstrip().endswith("  fits")
 
 
+def test_bf16_state_halves_the_learner_state_and_is_offered_as_a_knob(qwen7b, tmp_path,
+                                                                     capsys):
+    """learner.master_weights: bfloat16_stochastic: bf16 parameters, gradients and moments
+    (2 + 2 + 4 bytes per parameter, sharded), one float32 chunk of the AdamW step, no separate
+    bf16 working copy; ddp's buckets hold bf16 gradients. A refusal offers the knob."""
+    from harpo_core.memory import CHUNK_ELEMENTS, LearnerSetup, learner_memory
+
+    path = write_run(tmp_path, qwen7b,
+                     learner={"strategy": "fsdp2", "dtype": "bfloat16",
+                              "master_weights": "bfloat16_stochastic",
+                              "activation_checkpointing": True, "logprob_chunk_tokens": 1024})
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "learner, per rank: fsdp2, bfloat16 (bfloat16_stochastic state), 8 rank(s)" in out
+    rows = {"parameters": 2 * P7B // 8, "gradients": 2 * P7B // 8,
+            "optimizer state": 4 * P7B // 8, "optimizer chunk": 7 * 4 * CHUNK_ELEMENTS}
+    for name, value in rows.items():
+        assert f"    {name:<18}{gib(value):>12}" in out, name
+    assert gib(7 * 4 * CHUNK_ELEMENTS) == "112.0 MiB"
+    # ddp, 8 ranks: 8 bytes of state + 2 of bf16 buckets instead of 16 + 4, no working copy
+    setup = dict(strategy="ddp", dtype="bfloat16", world_size=8, micro_batch_rows=1,
+                 tokens_per_row=TOKENS)
+    shape = read_shape(qwen7b)[0]
+    fp32 = learner_memory(shape, LearnerSetup(**setup))
+    low = learner_memory(shape, LearnerSetup(**setup, master_weights="bfloat16_stochastic"))
+    assert fp32["bf16 working copy"] == 2 * P7B and "bf16 working copy" not in low
+    assert (low["DDP buckets"], fp32["DDP buckets"]) == (2 * P7B, 4 * P7B)
+    state = ("parameters", "gradients", "optimizer state")
+    assert sum(low[k] for k in state) / sum(fp32[k] for k in state) == 0.5
+    with pytest.raises(ValueError, match=r"learner.master_weights 'bfloat16_stochastic' needs "
+                                         r"learner.dtype bfloat16, not 'float32'"):
+        LearnerSetup(**{**setup, "dtype": "float32"}, master_weights="bfloat16_stochastic")
+    with pytest.raises(ValueError, match=r"learner.master_weights 'bf16' is invalid"):
+        LearnerSetup(**setup, master_weights="bf16")
+    # the 7B / fp32 / ddp refusal names it with the total it would give
+    assert main(["plan", str(write_run(tmp_path, qwen7b))]) == 2
+    err = capsys.readouterr().err
+    assert ("learner.master_weights: bfloat16_stochastic with learner.dtype: bfloat16 -> "
+            in err)
+
+
 def test_vllm_that_cannot_hold_its_weights(qwen7b, tmp_path, capsys):
     path = write_run(tmp_path, qwen7b, learner={"strategy": "fsdp2"})
     status = main(["plan", str(path), "--set", "rollout.vllm.gpu_memory_utilization=0.2",
