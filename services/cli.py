@@ -218,6 +218,20 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from services.run_lock import hold
 
+    if args.omni:
+        args.workdir = args.workdir or "runs/demo-omni"
+        with hold(args.workdir, Path(args.workdir) / "run"):
+            from services.demo_omni import RL_STEPS, SFT_STEPS, run_omni_demo
+
+            run_omni_demo(args.workdir, steps=args.steps or RL_STEPS,
+                          sft_steps=args.sft_steps or SFT_STEPS, sft_seconds=args.sft_seconds,
+                          address=args.address,
+                          endpoints={"metrics_host": args.metrics_host,
+                                     "metrics_port": args.metrics_port,
+                                     "control_host": args.control_host,
+                                     "control_port": args.control_port})
+        return 0
+    args.workdir = args.workdir or "runs/demo"
     with hold(args.workdir, Path(args.workdir) / "run"):  # refused before the imports below
         from services.demo import RL_STEPS, SFT_STEPS, run_demo
 
@@ -300,12 +314,17 @@ def _add_local_commands(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default run: tiny model, SFT, HARPO RL",
                        description="Build a tiny model and task suite, warm-start it, train "
                                    "it with HARPO on local Ray, and report per-task results.")
-    p.add_argument("--workdir", default="runs/demo", help="where assets and the run go")
+    p.add_argument("--workdir", default=None,
+                   help="where assets and the run go (default runs/demo; runs/demo-omni with "
+                        "--omni)")
+    p.add_argument("--omni", action="store_true",
+                   help="the tiny Qwen2.5-Omni thinker on the text/image/audio/video suite, "
+                        "with a media-aware warm start (services/demo_omni.py)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="RL steps (default 40, services/demo.py RL_STEPS)")
+                   help="RL steps (default 40, services/demo.py RL_STEPS; 20 with --omni)")
     p.add_argument("--sft-steps", type=positive_int, default=None,
                    help="steps of the supervised warm start (default 300, services/demo.py "
-                        "SFT_STEPS); the same steps give the same model")
+                        "SFT_STEPS; 150 with --omni); the same steps give the same model")
     p.add_argument("--sft-seconds", type=float, default=None,
                    help="optional safety cap on the warm start's time (a capped run is not "
                         "reproducible)")

@@ -77,13 +77,15 @@ def _saved_sft_matches(sft_dir: Path, steps: int) -> bool:
 
 
 def format_report(before: dict, after: dict, factors: dict[str, float],
-                  task_types: dict[str, str]) -> str:
-    """Per-task table; ``before`` / ``after`` hold a ``sampled`` and a ``greedy`` evaluation."""
+                  task_types: dict[str, str], modalities: dict[str, str] | None = None) -> str:
+    """Per-task table; ``before`` / ``after`` hold a ``sampled`` and a ``greedy`` evaluation.
+    ``modalities`` (task -> modality signature) adds a modality column after the type."""
     columns = (("sampled", "reward"), ("greedy", "reward"), ("greedy", "accuracy"))
-    header = (f"{'':<13} {'':<15}" + "".join(f" {f'{m} {k}':>17}" for m, k in columns)
+    lead = "" if modalities is None else f" {'':<11}"
+    header = (f"{'':<13} {'':<15}{lead}" + "".join(f" {f'{m} {k}':>17}" for m, k in columns)
               + f" {'factor':>7}")
-    sub = (f"{'task':<13} {'type':<15}" + f" {'before':>9} {'after':>7}" * len(columns)
-           + f" {'s_m':>7}")
+    sub = (f"{'task':<13} {'type':<15}" + ("" if modalities is None else f" {'modality':<11}")
+           + f" {'before':>9} {'after':>7}" * len(columns) + f" {'s_m':>7}")
     lines = [header, sub, "-" * len(sub)]
 
     def cells(pick) -> str:
@@ -92,10 +94,11 @@ def format_report(before: dict, after: dict, factors: dict[str, float],
 
     for task in sorted(before["greedy"]["reward"]):
         lines.append(f"{task:<13} {task_types.get(task, '?'):<15}"
+                     + ("" if modalities is None else f" {modalities.get(task, '?'):<11}")
                      + cells(lambda d, task=task: d[task])
                      + f" {factors.get(task, float('nan')):>7.3f}")
     lines.append("-" * len(sub))
-    lines.append(f"{'mean':<13} {'':<15}" + cells(lambda d: sum(d.values()) / len(d)))
+    lines.append(f"{'mean':<13} {'':<15}{lead}" + cells(lambda d: sum(d.values()) / len(d)))
     return "\n".join(lines)
 
 
