@@ -27,8 +27,9 @@ the overhead ratio stay on the HF backend (vLLM must not run in this process).
 ``--omni`` (issue 17) measures instead, on a mixed-modality batch of the synthetic omni suite and
 the tiny Qwen2.5-Omni thinker: padding waste with and without modality-aware micro-batches, and
 the share of the batch's time spent decoding media (decode vs building the model inputs vs a
-forward pass) with a cold and a warm media cache (:mod:`benchmarks.omni_batching`). Rollouts/s on
-a mixed batch needs media through rollout and learner, which is not built yet.
+forward pass) with a cold and a warm media cache (:mod:`benchmarks.omni_batching`), and rollouts/s
+of the real HF backend on that batch with its media beside a text-only batch as large
+(:mod:`benchmarks.omni_rollouts`).
 
     python benchmarks/pipeline.py --omni [--omni-prompts 32] [--omni-repeats 3]
 """
@@ -301,9 +302,12 @@ def main() -> None:
     if args.omni:
         from benchmarks.omni_batching import print_omni, run_omni
 
+        from benchmarks.omni_rollouts import main_rollouts, print_rollouts
+
         root = Path(tempfile.mkdtemp(prefix="harpo-bench-omni-"))
         print_omni(run_omni(root, args.omni_prompts, args.omni_repeats, args.threads),
                    args.omni_repeats, args.threads)
+        print_rollouts(main_rollouts(root, args.omni_prompts, args.omni_repeats, args.threads))
         return
     backends = ("hf", "vllm") if args.backend == "both" else (args.backend,)
     modes = {"sync": 0, "async": 1}
