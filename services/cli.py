@@ -321,10 +321,10 @@ def _add_local_commands(sub) -> None:
                    help="the tiny Qwen2.5-Omni thinker on the text/image/audio/video suite, "
                         "with a media-aware warm start (services/demo_omni.py)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="RL steps (default 40, services/demo.py RL_STEPS; 20 with --omni)")
+                   help="RL steps (default 40, services/demo.py RL_STEPS; 30 with --omni)")
     p.add_argument("--sft-steps", type=positive_int, default=None,
                    help="steps of the supervised warm start (default 300, services/demo.py "
-                        "SFT_STEPS; 150 with --omni); the same steps give the same model")
+                        "SFT_STEPS; 80 with --omni); the same steps give the same model")
     p.add_argument("--sft-seconds", type=float, default=None,
                    help="optional safety cap on the warm start's time (a capped run is not "
                         "reproducible)")

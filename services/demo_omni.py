@@ -16,12 +16,12 @@ from services.config import TrainConfig, parse_config
 from services.demo import _move_earlier_run_aside, format_report
 
 VIDEO_FPS = 4.0  # the omni suite's clips: 8 frames at 4 fps
-RL_STEPS = 20
+RL_STEPS = 30
 # held-out: greedy on every test prompt (50 per task), and EVAL_SAMPLES sampled responses each
 EVAL_SAMPLES = 2
 # The warm start is bounded by steps (reproducible per seed and thread count). See
 # benchmarks/RESULTS.md "## harpo demo --omni" for what these settings leave per task.
-SFT_STEPS = 150
+SFT_STEPS = 80
 SFT_SETTINGS = {"lr": 1e-2, "warmup_steps": 10, "batch_size": 28, "seed": 0, "num_threads": 2,
                 "video_fps": VIDEO_FPS}
 
