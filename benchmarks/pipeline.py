@@ -301,7 +301,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.omni:
         from benchmarks.omni_batching import print_omni, run_omni
-
         from benchmarks.omni_rollouts import main_rollouts, print_rollouts
 
         root = Path(tempfile.mkdtemp(prefix="harpo-bench-omni-"))
