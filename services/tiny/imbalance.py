@@ -8,8 +8,9 @@ imbalance that GRPO's per-group normalisation leaves in the policy gradient
 * ``rare`` - a binary question with a fifth of a task's train prompts (about 4 % of the train
   set): the uniform warm start sees it rarely. The RL sampler is task-stratified, so its *batch*
   share is that of any task (see the doc: the data share does not reach the RL batch).
-* ``hard16`` - 16-way classification behind a long story with two distractor cues: chance
-  1/16, so most groups get no success and no signal.
+* ``hard16`` - 16-way classification behind a long story: four animal sounds, and the loudest
+  named only by its position (chance 1/16; 1/4 for a policy that has learnt the sound words but
+  not the ordinal), so many groups get no success and no signal.
 * ``solved`` - a short binary question the warm start solves: groups all right, silent.
 * ``longans`` - QA (similarity reward) whose responses run to 30-36 tokens, near the
   response limit, so an over-length penalty (``reward.overlong_buffer``) makes length part
@@ -91,19 +92,25 @@ SOUNDS = {
 }
 
 
+ORDINALS = ("first", "second", "third", "fourth")
+
+
 def _hard16(rng: np.random.Generator) -> Example:
-    label, *others = (str(x) for x in rng.choice(list(SOUNDS), size=3, replace=False))
+    # four sounds, then which of them was the loudest by position: the label's cue word is in
+    # the story with three distractors of other classes, and only the ordinal tells them apart
+    heard = [str(x) for x in rng.choice(list(SOUNDS), size=len(ORDINALS), replace=False)]
+    k = int(rng.integers(len(ORDINALS)))
     n_filler = int(rng.integers(4, 8))
     idx = rng.choice(len(FILLER_SENTENCES), size=n_filler, replace=False)
     sentences = [FILLER_SENTENCES[i] for i in idx]
-    heard = [SOUNDS[label], *(SOUNDS[o] for o in others)]
-    rng.shuffle(heard)
+    words = [SOUNDS[a] for a in heard]
     sentences.insert(int(rng.integers(n_filler + 1)),
-                     f"From the barn came {heard[0]}, {heard[1]} and {heard[2]} sounds.")
-    sentences.append(f"The loudest was the {SOUNDS[label]}.")
+                     f"From the barn came {', '.join(words[:-1])} and {words[-1]} sounds, "
+                     "in that order.")
+    sentences.append(f"The loudest was the {ORDINALS[k]} sound.")
     prompt = ("Which animal was the loudest? Options: " + ", ".join(SOUNDS) + ".\n"
               "Story: " + " ".join(sentences))
-    return prompt, label
+    return prompt, heard[k]
 
 
 def _solved(rng: np.random.Generator) -> Example:
@@ -141,8 +148,8 @@ _TASKS = (
                   "data share: a fifth of a task's train prompts", "compare with fifty",
                   train_fraction=0.2),
     ImbalanceTask("hard16", "classification", "synth_stories", _hard16, tuple(SOUNDS),
-                  "difficulty and classes: 16 labels, long prompt, distractors",
-                  "the loudest sound decides"),
+                  "difficulty and classes: 16 labels, long prompt, three distractors",
+                  "count to the loudest sound"),
     ImbalanceTask("solved", "classification", "synth_sky", _solved, ("day", "night"),
                   "solved by the warm start: silent groups", "look at the sky"),
     ImbalanceTask("longans", "qa", "synth_recipes", _longans, None,

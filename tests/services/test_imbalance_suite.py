@@ -90,9 +90,11 @@ def test_rare_hard16_and_longans_turn_their_knobs(tmp_path):
     hard = generate_examples(SUITE["hard16"], 400, 0)
     assert len(SUITE["hard16"].labels) == 16 and {r["answer"] for r in hard} == set(
         SUITE["hard16"].labels)
-    for r in hard:  # the right cue and two distractors of other classes in the story
-        heard = [s for s in imbalance.SOUNDS.values() if s in r["prompt"]]
-        assert len(heard) == 3 and imbalance.SOUNDS[r["answer"]] in heard
+    for r in hard:  # the right cue and three distractors of other classes; the ordinal decides
+        heard = sorted((r["prompt"].index(s), s) for s in imbalance.SOUNDS.values()
+                       if s in r["prompt"])
+        k = next(i for i, o in enumerate(imbalance.ORDINALS) if f"the {o} sound" in r["prompt"])
+        assert len(heard) == 4 and heard[k][1] == imbalance.SOUNDS[r["answer"]]
 
     def words(task, key):
         return np.mean([len(r[key].split()) for r in generate_examples(SUITE[task], 50, 0)])
