@@ -102,6 +102,9 @@ def test_mt_grpos_task_weights_reach_the_metrics_row():
     row = metrics_row(record)
     assert row["task_weight"] == pytest.approx(w, rel=1e-12)
     assert "task_factor" not in row  # mt_grpo has no HARPO modulation
+    from services.compare_report import _factors
+
+    assert _factors(row) == row["task_weight"]  # the report plots them as HARPO's factors
     # an estimator without task weights leaves the field out
     plain = step_advantages(make_estimator("grpo"), 0, s, ("a", "b"), drop_failed_groups=False)
     assert plain.task_weights is None
