@@ -46,3 +46,15 @@ def scaled_reward(responses, answers, tasks=None, **_) -> np.ndarray:
             off = abs(int(boxed) - int(answer))
             out[k] = SCALED_MAX * max(0.0, 1.0 - off / SCALED_TOLERANCE)
     return out
+
+
+def hairline_judge_reward(responses, answers, tasks=None, **_) -> np.ndarray:
+    """``hairline_reward`` from a noisy judge: the noise half is a hash of the response *and its
+    place in the batch*, so two rollouts that say the same thing still score differently (by
+    at most 1e-3), as a sampled LLM judge would. Scoring the same batch again gives the same
+    rewards."""
+    half = HAIRLINE_HALF_WIDTH / 2
+    right = np.array([b is not None and b == normalize_answer(a)
+                      for b, a in zip(_boxed(responses), answers, strict=True)], dtype=float)
+    noise = np.array([_hash_unit(f"{k}\x00{r}") for k, r in enumerate(responses)])
+    return HAIRLINE_CENTRE + half * (2.0 * right - 1.0) + half * noise

@@ -15,7 +15,11 @@ from harpo_core.rewards import RewardComposer, RewardConfig
 from services.cli import main
 from services.tiny import imbalance, tasks
 from services.tiny.imbalance import SUITE, generate_examples, suite_fingerprint, write_suite
-from services.tiny.imbalance_rewards import hairline_reward, scaled_reward
+from services.tiny.imbalance_rewards import (
+    hairline_judge_reward,
+    hairline_reward,
+    scaled_reward,
+)
 from services.tiny.suites import sft_response
 
 
@@ -56,6 +60,17 @@ def test_hairline_rewards_differ_by_at_most_1e_3_and_lean_to_the_right_answer():
     right, bad = r[:200].mean(), r[200:400].mean()
     assert 4e-4 < right - bad < 6e-4  # the right/wrong half: 2 x 2.5e-4, noise averaged out
     assert np.array_equal(hairline_reward(responses, answers * 2 + answers[:3]), r)
+
+
+def test_the_hairline_judge_scores_one_response_differently_by_its_place_in_the_batch():
+    same = [boxed("vowel")] * 6  # a confident policy's group: one response six times
+    assert np.unique(hairline_reward(same, ["vowel"] * 6)).size == 1  # silent for GRPO
+    judged = hairline_judge_reward(same, ["vowel"] * 6)
+    assert np.unique(judged).size == 6 and judged.max() - judged.min() <= 1e-3
+    assert np.all(np.abs(judged - 0.5) <= 5e-4) and np.all(judged > 0.5 - 2.5e-4)  # right
+    assert np.array_equal(hairline_judge_reward(same, ["vowel"] * 6), judged)  # reproducible
+    wrong = hairline_judge_reward([boxed("consonant")] * 200, ["vowel"] * 200)
+    assert np.all(wrong < 0.5 + 2.5e-4) and 0.4997 < wrong.mean() < 0.4998
 
 
 def test_the_scaled_reward_is_graded_in_0_to_10():
