@@ -2,9 +2,11 @@
 imbalance that GRPO's per-group normalisation leaves in the policy gradient
 (docs/imbalance_suite.md has the maths and the expectations).
 
-* ``hairline`` - a binary question whose reward (custom, ``hairline_reward``) lies within
-  ±5e-4 of 0.5 whatever the answer: half of that hair is right/wrong, half is a hash of the
-  response (noise). GRPO divides by the group's std, so it gets unit-scale advantages anyway.
+* ``hairline`` - a binary question whose reward (custom, ``hairline_judge_reward``) lies within
+  ±5e-4 of 0.5 whatever the answer: half of that hair is right/wrong, half is judge noise (a
+  hash of the response and its place in the batch). GRPO divides by the group's std, so it
+  gets unit-scale advantages anyway. (``hairline_reward``, noise from the response alone, is
+  silent once the policy repeats one response per group: measured in RESULTS.md.)
 * ``rare`` - a binary question with a fifth of a task's train prompts (about 4 % of the train
   set): the uniform warm start sees it rarely. The RL sampler is task-stratified, so its *batch*
   share is that of any task (see the doc: the data share does not reach the RL batch).
@@ -40,7 +42,7 @@ from .tasks import COLUMNS, FILLER_SENTENCES, SPLITS, Example, _pick, _task_seed
 SUITE_NAME = "imbalance"
 # The reward functions of the two custom task types, as ``reward.custom`` names them.
 CUSTOM_REWARDS = {
-    "hairline": "services.tiny.imbalance_rewards:hairline_reward",
+    "hairline": "services.tiny.imbalance_rewards:hairline_judge_reward",
     "scaled": "services.tiny.imbalance_rewards:scaled_reward",
 }
 

@@ -87,7 +87,7 @@ def test_the_reward_composer_scores_the_suites_custom_types_through_reward_custo
     result = composer.score([boxed("vowel"), boxed("4")], ["vowel", "4"],
                             ["hairline", "scaled"], np.array([10, 10]))
     hair, scaled = result.components["task"]
-    assert hair == hairline_reward([boxed("vowel")], ["vowel"])[0] and abs(hair - 0.5) <= 5e-4
+    assert hair == hairline_judge_reward([boxed("vowel")], ["vowel"])[0] and abs(hair - 0.5) <= 5e-4
     assert scaled == 10.0 and result.total[1] == pytest.approx(0.8 * 10 + 0.2 * 1.0)
 
 
