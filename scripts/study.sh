@@ -9,7 +9,7 @@
 #
 # Settings (environment variables):
 #   SUITES       imbalance and/or default                       [imbalance default]
-#   SEEDS        seeds per estimator                            [5]
+#   SEEDS        seeds per estimator  [8: RESULTS.md "Does HARPO balance?" says why]
 #   STEPS        RL steps per run                               [40, the demo's budget]
 #   ESTIMATORS   comma-separated `harpo compare` variants       [the list below]
 #   OUT          where the assets, warm starts and studies go   [runs/study]
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUITES=${SUITES:-"imbalance default"}
-SEEDS=${SEEDS:-5}
+SEEDS=${SEEDS:-8}
 STEPS=${STEPS:-40}
 OUT=${OUT:-runs/study}
 HARPO=${HARPO:-harpo}
