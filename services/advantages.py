@@ -48,7 +48,10 @@ def step_advantages(estimator: Estimator, step: int, summary: dict[str, np.ndarr
                             summary["task_code"][keep], step=step, task_names=task_names,
                             **extra)
     values[keep] = out.advantages
+    weights = out.extras.get("task_weight")  # mt_grpo: the task weights it applied
+    weights = None if weights is None else {str(k): float(v) for k, v in weights.items()}
     modulation = out.extras.get("modulation")
     if modulation is None:
-        return StepAdvantages(values, dropped_groups=dropped)
-    return StepAdvantages(values, modulation.groups, tuple(modulation.group_tasks), dropped)
+        return StepAdvantages(values, dropped_groups=dropped, task_weights=weights)
+    return StepAdvantages(values, modulation.groups, tuple(modulation.group_tasks), dropped,
+                          weights)

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from services.cli_args import port_number, positive_int
+
+
+def _suite_name(text: str) -> str:
+    """``argparse`` type of ``init-tiny --suite``: a suite of ``services.tiny.suites``."""
+    from services.tiny.suites import check_suite
+
+    try:
+        return check_suite(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -250,6 +261,9 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
     from services.tiny.model import init_tiny
 
     check_init_tiny_out(args.out)
+    if args.omni and args.suite != "default":
+        raise ValueError(f"init-tiny: --omni builds the image/audio/video suite; --suite "
+                         f"{args.suite} is a text suite (leave out one of them)")
     if args.omni:
         from services.tiny.omni_model import init_tiny_omni
 
@@ -261,8 +275,11 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
         return 0
 
     assets = init_tiny(args.out, seed=args.seed, n_train_per_task=args.train_per_task or 2000,
-                       n_test_per_task=args.test_per_task or 100)
+                       n_test_per_task=args.test_per_task or 100, suite=args.suite)
     print(f"model: {assets.model_dir}\ndata:  {assets.data_dir}")
+    custom = json.loads((assets.data_dir / "suite.json").read_text()).get("reward_custom")
+    if custom:
+        print(f"its custom rewards: reward.custom: {json.dumps(custom)}")
     return 0
 
 
@@ -346,6 +363,9 @@ def _add_local_commands(sub) -> None:
     p.add_argument("--omni", action="store_true",
                    help="a tiny Qwen2.5-Omni thinker and the image/audio/video suite (HBA "
                         "format) instead of the text model and suite")
+    p.add_argument("--suite", type=_suite_name, default="default",
+                   help="text task suite: default (the demo's) or imbalance (tasks built to "
+                        "expose multi-task imbalance, docs/imbalance_suite.md)")
     p.set_defaults(fn=_cmd_init_tiny)
 
     p = sub.add_parser("sft", help="supervised warm start on a suite's train split")

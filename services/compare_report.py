@@ -13,7 +13,7 @@ disk. Numbers, per estimator (variant) over its finished seeds:
 * ``signal_share.csv``: each task's share of the policy-gradient signal (``Σ|A|`` of its
   rollouts ÷ ``Σ|A|`` of the batch), averaged over steps and seeds, first and last step too;
 * ``curves.csv``: per step, task, estimator and seed the training reward, signal share and
-  (for estimators that report one) task factor.
+  (for estimators that report one) task factor: HARPO's ``s_m``, or mt_grpo's weight ``w_m``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ def _shares(row: dict) -> dict[str, float]:
             for t, share in row.get("batch_share", {}).items()}
     total = sum(mass.values())
     return {t: (m / total if total > 0 else 0.0) for t, m in mass.items()}
+
+
+def _factors(row: dict) -> dict[str, float]:
+    """A metrics row's per-task factors: HARPO's ``task_factor``, or the task weights another
+    estimator applied (``task_weight``: mt_grpo's ``w_m``); empty for neither."""
+    return row.get("task_factor") or row.get("task_weight") or {}
 
 
 def _ranks(scores: dict[str, float]) -> dict[str, float]:
@@ -127,7 +133,7 @@ def tables(study: Study, data: dict) -> dict:
                     curves.append({"estimator": label, "seed": r["seed"], "step": row["step"],
                                    "task": task, "reward": row["reward"].get(task),
                                    "signal_share": shares.get(task, 0.0),
-                                   "task_factor": (row.get("task_factor") or {}).get(task)})
+                                   "task_factor": _factors(row).get(task)})
         mean_share = {t: float(np.mean(per_seed[t])) for t in tasks if per_seed[t]}
         for task in tasks:
             if per_seed[task]:
@@ -218,7 +224,7 @@ def figures(out: Path, t: dict) -> list[str]:
             ax.axhline(1.0, color="grey", lw=0.5)
             ax.set_title(label, fontsize=9)
             ax.set_xlabel("step")
-        axes[0][0].set_ylabel("task factor s_m")
+        axes[0][0].set_ylabel("task factor s_m (mt_grpo: weight w_m)")
         axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "factors.png", dpi=90)

@@ -75,6 +75,7 @@ _TASK_GAUGES = {
     "task_log_factor": ("harpo_task_log_factor", "Unclamped log task factor L_m"),
     "task_signal": ("harpo_task_signal", "Task contribution signal p_m of the last batch"),
     "task_signal_ema": ("harpo_task_signal_ema", "Smoothed task signal rho_m (EMA of p_m)"),
+    "task_weight": ("harpo_task_weight", "Task weight w_m an estimator applied (mt_grpo)"),
     "reward": ("harpo_task_reward", "Mean reward of the task's rollouts"),
     "accuracy": ("harpo_task_accuracy", "Mean accuracy of the task's rollouts"),
     "format": ("harpo_task_format_rate", "Mean format reward of the task's rollouts"),

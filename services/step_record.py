@@ -31,6 +31,8 @@ class StepAdvantages:
     modulation: GroupModulation | None = None  # HARPO's factors, when the estimator has them
     group_tasks: tuple[str, ...] | None = None  # task of each of the modulation's groups
     dropped_groups: int = 0  # groups left out by reward.on_error: drop_group
+    # per-task weights an estimator applied this step (mt_grpo's w_m), task name -> weight
+    task_weights: dict[str, float] | None = None
 
     def keyed(self, rollout_ids: np.ndarray) -> np.ndarray:
         """The advantages indexed by rollout id (``out[k]``: the rollout whose id is k), the
@@ -157,6 +159,8 @@ def metrics_row(record: StepRecord) -> dict:
                    "learner_update_s": learner.get("update_s", 0.0)},
     }
     row.update({key: learner[key] for key in LEARNER_KEYS if key in learner})
+    if advantages.task_weights is not None:
+        row["task_weight"] = dict(advantages.task_weights)
     modulation = advantages.modulation
     if modulation is not None:
         row["task_factor"] = modulation.task_factors

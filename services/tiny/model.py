@@ -26,7 +26,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 from transformers.utils import logging as hf_logging
 
-from .tasks import suite_corpus, suite_fingerprint, write_suite
+from .suites import DEFAULT_SUITE, suite_module
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -139,6 +139,7 @@ def init_tiny(
     vocab_size: int = 512,
     tasks: list[str] | None = None,
     replace_stale: bool = False,
+    suite: str = DEFAULT_SUITE,
     **model_kwargs,
 ) -> TinyAssets:
     """Write the task suite to ``out_dir/data`` and a fresh tiny model to ``out_dir/model``.
@@ -147,15 +148,19 @@ def init_tiny(
     with the same arguments by the same version of the task suite (marker file written last,
     suite fingerprint inside), it is reused as is; an incomplete one is rebuilt. A complete set
     made with different arguments raises ``ValueError``; so does one made by another version of
-    the suite, unless ``replace_stale`` (then it is rebuilt).
+    the suite, unless ``replace_stale`` (then it is rebuilt). ``suite`` names the task suite
+    (``services.tiny.suites``: ``default``, the demo's, or ``imbalance``).
     """
+    tasks_module = suite_module(suite)
     out_dir = Path(out_dir)
     assets = TinyAssets(model_dir=out_dir / "model", data_dir=out_dir / "data")
     params = {
         "seed": seed, "n_train_per_task": n_train_per_task, "n_test_per_task": n_test_per_task,
         "vocab_size": vocab_size, "tasks": None if tasks is None else list(tasks), **model_kwargs,
     }
-    fingerprint = suite_fingerprint(seed=seed, tasks=tasks)
+    if suite != DEFAULT_SUITE:  # absent for the default suite: its old markers stay valid
+        params["suite"] = suite
+    fingerprint = tasks_module.suite_fingerprint(seed=seed, tasks=tasks)
     marker = out_dir / MARKER
     if marker.exists():
         recorded = json.loads(marker.read_text())
@@ -182,9 +187,10 @@ def init_tiny(
     for d in (assets.model_dir, assets.data_dir):
         shutil.rmtree(d, ignore_errors=True)
 
-    write_suite(assets.data_dir, n_train_per_task=n_train_per_task,
-                n_test_per_task=n_test_per_task, seed=seed, tasks=tasks)
-    tokenizer = train_tokenizer(suite_corpus(seed=seed, tasks=tasks), vocab_size=vocab_size)
+    tasks_module.write_suite(assets.data_dir, n_train_per_task=n_train_per_task,
+                             n_test_per_task=n_test_per_task, seed=seed, tasks=tasks)
+    tokenizer = train_tokenizer(tasks_module.suite_corpus(seed=seed, tasks=tasks),
+                                vocab_size=vocab_size)
     build_tiny_model(assets.model_dir, tokenizer, seed=seed, **model_kwargs)
     marker.write_text(json.dumps({"params": params, "suite_fingerprint": fingerprint},
                                  indent=2) + "\n")

@@ -22,7 +22,7 @@ from harpo_core.data import load_prompts
 from harpo_core.rewards.parsing import extract_boxed, follows_format, normalize_answer
 from services.chat import render_prompts, tokenize_prompts
 
-from .tasks import sft_response
+from .suites import sft_response
 
 IGNORE_INDEX = -100
 
@@ -73,7 +73,9 @@ def _accumulate_grads(model, batch: list[tuple[list[int], list[int]]], pad_id: i
 
 def _train_examples(tokenizer, data_dir, max_length: int) -> list:
     """Every train prompt with its answer, encoded for supervised fine-tuning."""
-    data = load_prompts(data_dir, "train")
+    # any task type: the warm start imitates answers, it never scores them (the imbalance
+    # suite's custom types are scored by reward.custom during RL)
+    data = load_prompts(data_dir, "train", task_types_allowed=None)
     prompt_ids = tokenize_prompts(tokenizer, data.prompts)
     tasks = [data.task_names[c] for c in data.task_codes]
     return [_encode_example(tokenizer, ids, answer, task, max_length)
@@ -194,7 +196,7 @@ def greedy_eval(
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    data = load_prompts(data_dir, split)
+    data = load_prompts(data_dir, split, task_types_allowed=None)
     report: dict[str, dict[str, float]] = {}
     for code, task in enumerate(data.task_names):
         rows = data.indices_of_task(code)[:n_per_task]

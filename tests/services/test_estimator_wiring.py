@@ -77,3 +77,36 @@ def test_the_config_refuses_bad_settings_of_the_newer_estimators(algorithm, mess
     with pytest.raises(ValueError) as info:
         config(algorithm)
     assert message in str(info.value)
+
+
+def test_mt_grpos_task_weights_reach_the_metrics_row():
+    from services.step_record import StepRecord, WeightSyncReport, metrics_row
+
+    s = summary()
+    out = step_advantages(make_estimator("mt_grpo", lam=1.0, lr=0.1), 0, s, ("a", "b"),
+                          drop_failed_groups=False)
+    # by hand: mean rewards J_a = 0.25, J_b = 0.35 (no improvement yet), so u = J; from equal
+    # logits xi <- -0.1 * 0.5 * (u - 0.3) = (+0.0025, -0.0025); w = 2 softmax(xi) = 1 ± tanh
+    w = {"a": 1 + np.tanh(0.0025), "b": 1 - np.tanh(0.0025)}
+    assert out.task_weights == pytest.approx(w, rel=1e-12)
+    grpo = make_estimator("grpo").compute(s["reward"], s["group_id"], s["task_code"]).advantages
+    np.testing.assert_allclose(out.values, grpo * np.array([w["a"]] * 4 + [w["b"]] * 2))
+    n = s["reward"].size
+    record = StepRecord(
+        step=0, task_names=("a", "b"),
+        summary={**s, "prompt_index": np.arange(n), "policy_version": np.zeros(n, int),
+                 "accuracy": s["reward_task"], "response_length": np.full(n, 10),
+                 "stopped": np.ones(n, bool)},
+        advantages=out, learner={}, timings={"step_s": 1.0}, sync=WeightSyncReport(),
+        rollouts_per_worker={}, rollout_workers=1, restarts={}, weight_sync_failures=0)
+    row = metrics_row(record)
+    assert row["task_weight"] == pytest.approx(w, rel=1e-12)
+    assert "task_factor" not in row  # mt_grpo has no HARPO modulation
+    from services.compare_report import _factors
+
+    assert _factors(row) == row["task_weight"]  # the report plots them as HARPO's factors
+    # an estimator without task weights leaves the field out
+    plain = step_advantages(make_estimator("grpo"), 0, s, ("a", "b"), drop_failed_groups=False)
+    assert plain.task_weights is None
+    assert "task_weight" not in metrics_row(
+        StepRecord(**{**record.__dict__, "advantages": plain}))
