@@ -202,8 +202,9 @@ def test_capacity_wait_names_what_no_node_has(ray_cluster):
         made.append(Broken.remote())
         return made[-1]
 
+    # (a generous deadline: on a loaded host leasing its worker process alone took over 2 s)
     with pytest.raises(ray.exceptions.RayActorError, match="no such model"):
-        wait.ready("rollout", "rollout-1", make, {"CPU": 0.1})
+        CapacityWait(60.0).ready("rollout", "rollout-1", make, {"CPU": 0.1})
     assert len(made) == 1
 
 
