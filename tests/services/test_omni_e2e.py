@@ -410,3 +410,21 @@ def test_media_rows_share_passes_by_signature_with_the_one_prompt_per_pass_numbe
     metrics = core.update(batch, global_batch_size=len(lens), media=media,
                           check_mismatch=False)
     assert metrics["padding_waste"] == pytest.approx(aware.waste)
+
+
+def test_fsdp2_with_media_is_refused_in_preflight_and_the_trainer(omni_assets, tmp_path):
+    """fsdp2 gathers each sharded module per pass and reduces gradients on the last one: a
+    media tower a rank's last pass does not run would keep its gradients unreduced (and it has
+    not run with a multimodal model): refused before Ray starts and before any actor."""
+    from services.controller import Trainer
+    from services.preflight import PreflightError, preflight
+
+    cfg = tiny_config(omni_assets, tmp_path / "run",
+                      data={"format": "hba", "video_fps": VIDEO_FPS},
+                      learner={"strategy": "fsdp2"})
+    message = r"learner.strategy: fsdp2 does not train prompts with media yet: .* use " \
+              r"learner.strategy: ddp"
+    with pytest.raises(PreflightError, match=message):
+        preflight(cfg, ports=False, output=False)
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg)
