@@ -311,6 +311,31 @@ def _mixed_batch(omni_assets, n=2):
     return batch, media, builder
 
 
+def mixed_learner(omni_assets, *, drop_all_three=False, rank=0, world_size=1):
+    """A learner on the tiny thinker for :func:`_mixed_batch` (all of it in one mini-batch;
+    ``drop_all_three``: without the prompt with image, audio and video, so the last pass of an
+    update, video, leaves the audio tower out)."""
+    from services.config import parse_config
+    from services.learner_core import LearnerCore
+
+    batch, media, builder = _mixed_batch(omni_assets)
+    if drop_all_three:
+        keep = batch["prompt_index"] != 8
+        batch, media = {k: v[keep] for k, v in batch.items()}, {
+            k: v for k, v in media.items() if k != 8}
+    prompts = len(batch["input_ids"]) // 2
+    model = str(omni_assets.model_dir)
+    config = parse_config({
+        "model": {"path": model},
+        "data": {"path": str(omni_assets.data_dir), "format": "hba", "video_fps": VIDEO_FPS,
+                 "prompts_per_step": prompts},
+        "rollout": {"group_size": 2, "temperature": 1.0},
+        "learner": {"mini_batch_prompts": prompts, "lr": 1e-3, "workers": world_size}})
+    core = LearnerCore(model, config, rank=rank, world_size=world_size)
+    core.media_inputs = builder
+    return core, batch, media
+
+
 def test_media_rows_share_passes_by_signature_with_the_one_prompt_per_pass_numbers(
         omni_assets):
     """The media learner plans by modality signature (longest first): several prompts of one
@@ -318,21 +343,10 @@ def test_media_rows_share_passes_by_signature_with_the_one_prompt_per_pass_numbe
     gradients equal those of one prompt per pass (fp32, <= 1e-5), with images, audio, video,
     all three and text in one batch; under a token budget too; padding_waste is the plan's."""
     from harpo_core.micro_batches import plan_micro_batches, plan_padding
-    from services.config import parse_config
-    from services.learner_core import LearnerCore
     from services.media_inputs import repeat_media
 
-    n = 2
-    batch, media, builder = _mixed_batch(omni_assets, n)
-    model = str(omni_assets.model_dir)
-    config = parse_config({
-        "model": {"path": model},
-        "data": {"path": str(omni_assets.data_dir), "format": "hba", "video_fps": VIDEO_FPS,
-                 "prompts_per_step": 9},
-        "rollout": {"group_size": n, "temperature": 1.0},
-        "learner": {"mini_batch_prompts": 9, "lr": 1e-3}})
-    core = LearnerCore(model, config)
-    core.media_inputs = builder
+    core, batch, media = mixed_learner(omni_assets)
+    builder = core.media_inputs
     batch = core._check_batch(batch, global_batch_size=len(batch["input_ids"]))
     lengths = batch["attention_mask"].sum(-1)
     index = batch["prompt_index"]
