@@ -175,7 +175,7 @@ class LearnerCore:
         longest row (rows stay in order; a longer row goes alone). ``ranks_agree`` (every
         rank calls it): as many micro-batches on every rank."""
         n = len(batch["input_ids"])
-        if self._media and "prompt_index" in batch:  # prompts with media: one per micro-batch
+        if self._media and "prompt_index" in batch:  # prompts with media: by signature
             from services.learner_media import media_micro_batches
 
             return media_micro_batches(self, batch, max_rows, ranks_agree=ranks_agree)
@@ -212,7 +212,7 @@ class LearnerCore:
         update's own forward pass (:meth:`_forward`)."""
         width = batch["input_ids"].shape[1]
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        chunks = []
+        chunks, rows = [], []
         size = micro_batch_size or self.micro_batch_size
         for micro in self._micro_batches(batch, size, ranks_agree=responses_only):
             if responses_only:
@@ -221,6 +221,10 @@ class LearnerCore:
                 logprobs = policy(micro["input_ids"], micro["attention_mask"],
                                   **micro.get("media", {}))[0]
             chunks.append(F.pad(logprobs, (0, width - logprobs.shape[1])))
+            rows.append(micro.get("rows"))
+        if rows and rows[0] is not None:  # planned by signature: rows back in batch order
+            order = torch.cat(rows)
+            return torch.empty_like(torch.cat(chunks)).index_copy_(0, order, torch.cat(chunks))
         return torch.cat(chunks)
 
     # -------------------------------------------------------------------- update
@@ -245,6 +249,10 @@ class LearnerCore:
         keyed by ``batch["prompt_index"]`` (:mod:`services.learner_media`).
         """
         batch = self._check_batch(batch, global_batch_size)
+        if media:
+            from services.learner_media import refuse_sharded_media
+
+            refuse_sharded_media(self.strategy.name, media)
         self._media = media or {}
         try:
             return self._update(batch, check_mismatch)

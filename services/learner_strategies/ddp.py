@@ -45,6 +45,13 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in 
                    else {"broadcast_buffers": False})
 
 
+def _multimodal(model) -> bool:
+    from services.model_loading import MULTIMODAL
+
+    _, hf = hf_model(model)
+    return type(hf).__name__ in {name for name, _ in MULTIMODAL.values()}
+
+
 @register_strategy("ddp")
 class DDPStrategy(LearnerStrategy):
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
@@ -67,7 +74,11 @@ class DDPStrategy(LearnerStrategy):
             checkpoint_activations(model)
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids, **_NO_BUFFER_SYNC)
+            # a multimodal model's passes leave parameters unused: a tower the pass's media do
+            # not need, and the Omni thinker's audio_bos_eos_token in every pass
+            towers = _multimodal(model)
+            model = DistributedDataParallel(model, device_ids=device_ids,
+                                            find_unused_parameters=towers, **_NO_BUFFER_SYNC)
         return self._precision(model)
 
     def wrap_reference(self, model):

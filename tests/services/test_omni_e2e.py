@@ -249,3 +249,196 @@ def test_chunked_head_refuses_media_rows_with_the_setting_to_change(omni_assets)
                                          "media .* set learner.logprob_chunk_tokens: null"):
         policy(ids, torch.ones_like(ids), torch.ones_like(ids),
                pixel_values=torch.zeros((4, 1176)))
+
+
+def _mixed_batch(omni_assets, n=2):
+    """A learner batch of 9 prompts (two each with an image, an audio clip or a video, one with
+    all three, two text-only), ``n`` random responses of 2-7 tokens each, built as the rollout
+    worker builds it (expanded prompt ids, no pixels), with the learner's media tensors."""
+    from harpo_core.schema import to_learner_tensors
+    from services.chat import tokenize_prompts
+    from services.learner_media import update_media
+    from services.media_inputs import MediaInputs, MediaRows, media_counts, media_prompts
+    from services.tiny.omni_tasks import (
+        _audio_pitch,
+        _image_colour,
+        _video_motion,
+        encode_flac,
+        encode_mp4,
+        encode_png,
+    )
+
+    rng = np.random.default_rng(1)
+    png = [encode_png(_image_colour(rng).images[0]) for _ in range(3)]
+    flac = [encode_flac(*_audio_pitch(rng).audios[0]) for _ in range(3)]
+    mp4 = [encode_mp4(_video_motion(rng).videos[0]) for _ in range(3)]
+    #          image   text  audio    video   image   audio    text   video   all three
+    image = [[png[0]], [], [], [], [png[1]], [], [], [], [png[2]]]
+    audio = [[], [], [flac[0]], [], [], [flac[1]], [], [], [flac[2]]]
+    video = [[], [], [], [mp4[0]], [], [], [], [mp4[1]], [mp4[2]]]
+    binary = pa.list_(pa.binary())
+    rows_n = len(image)
+    table = pa.table({"image": pa.array(image, binary), "video": pa.array(video, binary),
+                      "audio": pa.array(audio, binary),
+                      "source_file": ["mixed.parquet"] * rows_n,
+                      "source_row": list(range(rows_n))})
+    text = ["What colour?", "Is 7 odd? Say why in a word.", "Pitch?", "Which way?",
+            "What colour is it?", "High or low?", "2+2?", "Where does it go?", "All of it?"]
+    prompts = PromptSet(prompts=text, answers=["a"] * rows_n, task_codes=[0] * rows_n,
+                        task_names=("mixed",), task_types=("classification",),
+                        datasets=["d"] * rows_n, media=table)
+    model = str(omni_assets.model_dir)
+    builder = MediaInputs(model, MediaLimits(video_fps=VIDEO_FPS))
+    rows = MediaRows.of(prompts)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenize_prompts(tokenizer, prompts.prompts, media_counts(prompts))
+    expanded = [p.expanded for p in media_prompts(builder, rows, np.arange(rows_n), ids)]
+    index = np.repeat(np.arange(rows_n), n)
+    lengths = rng.integers(2, 8, size=index.size)
+    responses = [rng.integers(10, 200, size=k).tolist() for k in lengths]
+    arrow = pa.table({
+        "prompt_index": pa.array(index, pa.int64()),
+        "prompt_ids": pa.array([expanded[i] for i in index], pa.list_(pa.int64())),
+        "response_ids": pa.array(responses, pa.list_(pa.int64())),
+        "response_logprobs": pa.array([(-rng.random(k) * 5).tolist() for k in lengths],
+                                      pa.list_(pa.float32()))})
+    media = update_media(builder, rows, arrow)
+    batch = to_learner_tensors(arrow, tokenizer.pad_token_id or 0)
+    batch["advantages"] = torch.from_numpy(rng.standard_normal(index.size).astype(np.float32))
+    batch["prompt_index"] = torch.from_numpy(index)
+    return batch, media, builder
+
+
+def mixed_learner(omni_assets, *, drop_all_three=False, rank=0, world_size=1):
+    """A learner on the tiny thinker for :func:`_mixed_batch` (all of it in one mini-batch;
+    ``drop_all_three``: without the prompt with image, audio and video, so the last pass of an
+    update, video, leaves the audio tower out)."""
+    from services.config import parse_config
+    from services.learner_core import LearnerCore
+
+    batch, media, builder = _mixed_batch(omni_assets)
+    if drop_all_three:
+        keep = batch["prompt_index"] != 8
+        batch, media = {k: v[keep] for k, v in batch.items()}, {
+            k: v for k, v in media.items() if k != 8}
+    prompts = len(batch["input_ids"]) // 2
+    model = str(omni_assets.model_dir)
+    config = parse_config({
+        "model": {"path": model},
+        "data": {"path": str(omni_assets.data_dir), "format": "hba", "video_fps": VIDEO_FPS,
+                 "prompts_per_step": prompts},
+        "rollout": {"group_size": 2, "temperature": 1.0},
+        "learner": {"mini_batch_prompts": prompts, "lr": 1e-3, "workers": world_size}})
+    core = LearnerCore(model, config, rank=rank, world_size=world_size)
+    core.media_inputs = builder
+    return core, batch, media
+
+
+def test_media_rows_share_passes_by_signature_with_the_one_prompt_per_pass_numbers(
+        omni_assets):
+    """The media learner plans by modality signature (longest first): several prompts of one
+    signature share a pass, their media tensors concatenated row by row. Log-probs, loss and
+    gradients equal those of one prompt per pass (fp32, <= 1e-5), with images, audio, video,
+    all three and text in one batch; under a token budget too; padding_waste is the plan's."""
+    from harpo_core.micro_batches import plan_micro_batches, plan_padding
+    from services.media_inputs import repeat_media
+
+    core, batch, media = mixed_learner(omni_assets)
+    builder = core.media_inputs
+    batch = core._check_batch(batch, global_batch_size=len(batch["input_ids"]))
+    lengths = batch["attention_mask"].sum(-1)
+    index = batch["prompt_index"]
+    response = batch["response_mask"].bool()
+    normalizer = float((response.sum(-1) > 0).sum())  # seq-mean-token-mean over the batch
+
+    def one_prompt_per_pass():  # the reference: each prompt's rows alone, media repeated
+        for p in range(9):
+            rows = torch.nonzero(index == p).flatten()
+            width = int(lengths[rows].max())
+            micro = {k: v[rows, :width] if v.dim() == 2 else v[rows] for k, v in batch.items()}
+            if p in media:
+                micro["media"] = builder.model_kwargs(micro["input_ids"],
+                                                      repeat_media(media[p], len(rows)))
+            micro["rows"] = rows
+            yield micro
+
+    def run(micros):
+        core.model.zero_grad(set_to_none=True)
+        logprobs = torch.zeros(batch["input_ids"].shape)
+        total = 0.0
+        for micro in micros:
+            loss, _, _, lp = core._micro_loss(micro, normalizer)
+            loss.backward()
+            total += loss.item()
+            logprobs[micro["rows"], :lp.shape[1]] = lp.detach()
+        grads = {k: p.grad.clone() for k, p in core.model.named_parameters()
+                 if p.grad is not None}
+        return logprobs, total, grads
+
+    core._media = media
+    planned = core._micro_batches(batch, None)
+    signatures = [len(m.get("media", {}).get("pixel_values", ())) > 0 for m in planned]
+    # one pass per signature (text, image, audio, video, all three), several prompts in four
+    assert len(planned) == 5 and sum(signatures) == 2
+    prompts_per_pass = [len(set(m["prompt_index"].tolist())) for m in planned]
+    assert sorted(prompts_per_pass) == [1, 2, 2, 2, 2]
+    reference = list(one_prompt_per_pass())
+    want_lp, want_loss, want_grads = run(reference)
+    got_lp, got_loss, got_grads = run(planned)
+    assert (got_lp - want_lp)[response].abs().max() <= 1e-5
+    assert abs(got_loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss))
+    assert want_grads.keys() == got_grads.keys()
+    assert any(k.startswith(("audio_tower", "visual")) for k in got_grads)  # towers learn too
+    for name, grad in want_grads.items():
+        assert (got_grads[name] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max()), name
+    # _logprobs puts the planned passes' rows back in batch order
+    back = core._logprobs(core.train_model, batch, None, responses_only=True)
+    assert (back - want_lp)[response].abs().max() <= 1e-5
+
+    # a token budget: passes stay within it (a row over it goes alone), numbers unchanged
+    core.micro_batch_tokens = int(lengths.max()) * 2
+    budgeted = core._micro_batches(batch, None)
+    assert len(budgeted) > len(planned)
+    for micro in budgeted:
+        rows, width = micro["input_ids"].shape
+        assert rows == 1 or rows * width <= core.micro_batch_tokens
+    assert (run(budgeted)[0] - want_lp)[response].abs().max() <= 1e-5
+    core.micro_batch_tokens = None
+
+    # padding: the update reports its plan's waste, below a signature-blind pass over the
+    # batch (text rows padded to a video's length); one prompt per pass pads least but runs
+    # 9 passes instead of 5
+    lens = lengths.tolist()
+    plan = [(tuple(m["rows"].tolist()), m["input_ids"].shape[1], "") for m in planned]
+    aware = plan_padding(plan, lens)
+    blind = plan_padding(plan_micro_batches(lens), lens)
+    alone = plan_padding([(tuple(m["rows"].tolist()), m["input_ids"].shape[1], "")
+                          for m in reference], lens)
+    assert aware.waste < blind.waste
+    assert alone.waste <= aware.waste
+    print(f"padding waste: signature-blind {blind.waste:.3f}, by signature {aware.waste:.3f} "
+          f"({len(planned)} passes), one prompt per pass {alone.waste:.3f} ({len(reference)})")
+    core._media = {}
+    metrics = core.update(batch, global_batch_size=len(lens), media=media,
+                          check_mismatch=False)
+    assert metrics["padding_waste"] == pytest.approx(aware.waste)
+
+
+def test_fsdp2_with_media_is_refused_in_preflight_and_the_trainer(omni_assets, tmp_path):
+    """fsdp2 gathers each sharded module per pass and reduces gradients on the last one: a
+    media tower a rank's last pass does not run would keep its gradients unreduced (and it has
+    not run with a multimodal model): refused before Ray starts and before any actor."""
+    from services.controller import Trainer
+    from services.preflight import PreflightError, preflight
+
+    cfg = tiny_config(omni_assets, tmp_path / "run",
+                      data={"format": "hba", "video_fps": VIDEO_FPS},
+                      learner={"strategy": "fsdp2"})
+    message = r"learner.strategy: fsdp2 does not train prompts with media yet: .* use " \
+              r"learner.strategy: ddp"
+    with pytest.raises(PreflightError, match=message):
+        preflight(cfg, ports=False, output=False)
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg)
