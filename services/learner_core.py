@@ -249,10 +249,6 @@ class LearnerCore:
         keyed by ``batch["prompt_index"]`` (:mod:`services.learner_media`).
         """
         batch = self._check_batch(batch, global_batch_size)
-        if media:
-            from services.learner_media import refuse_sharded_media
-
-            refuse_sharded_media(self.strategy.name, media)
         self._media = media or {}
         try:
             return self._update(batch, check_mismatch)
@@ -335,7 +331,8 @@ class LearnerCore:
         micros = self._micro_batches(mini, self.micro_batch_size, ranks_agree=True)
         for index, micro in enumerate(micros):
             last = index == len(micros) - 1
-            sync = nullcontext() if last else self.strategy.no_sync(self.train_model)
+            each = bool(self._media) and self.strategy.sync_every_pass_with_media
+            sync = nullcontext() if last or each else self.strategy.no_sync(self.train_model)
             with sync:
                 loss, stats, entropy, logprobs = self._micro_loss(micro, normalizer)
                 (loss * self.world_size).backward()

@@ -69,18 +69,6 @@ def _signature_rank(signature: str) -> int:
     return sum(1 << i for i, (kind, _) in enumerate(KIND_KEYS) if kind in kinds)
 
 
-def refuse_sharded_media(strategy: str, used) -> None:
-    """``learner.strategy: fsdp2`` with prompts with media is refused (``used``: kinds with
-    prompts, e.g. ``{"image": 12}``; anything truthy means media)."""
-    if strategy == "fsdp2" and used:
-        raise ValueError(
-            "learner.strategy: fsdp2 does not train prompts with media yet: its shards are "
-            "gathered per module in each pass and reduced only on the last micro-batch, so a "
-            "media tower (vision, audio) that a rank's last pass does not run would keep its "
-            "gradients unreduced, and this has not been run with a multimodal model; use "
-            "learner.strategy: ddp")
-
-
 def signature_counts(plan) -> list[int]:
     """Passes of each signature in ``plan``, indexed by the fixed signature order."""
     counts = [0] * (1 << len(KIND_KEYS))

@@ -182,9 +182,6 @@ def check_prompt_lengths(config: TrainConfig, tokenizer, prompts, split: str,
             if model_dir is not None:
                 check_media_supported(model_dir, {k: sum(1 for m in media if m.get(k))
                                                   for k in ("image", "audio", "video")})
-            from services.learner_media import refuse_sharded_media
-
-            refuse_sharded_media(config.learner.strategy, any(media))
         check(tokenize_prompts(tokenizer, prompts.prompts, media), config.data.max_prompt_tokens,
               split)
     except ValueError as exc:  # DataError, or media the model cannot take

@@ -92,9 +92,6 @@ class TokenizedPrompts:
                 from services.model_loading import check_media_supported
 
                 check_media_supported(model_dir, used)
-            from services.learner_media import refuse_sharded_media
-
-            refuse_sharded_media(config.learner.strategy, [k for k, n in used.items() if n])
         ids = tokenize_prompts(tokenizer, [prompts.prompts[i] for i in rows], media)
         check_prompt_lengths(ids, config.data.max_prompt_tokens, split)
         token_ids: list[list[int] | None] = [None] * len(prompts)

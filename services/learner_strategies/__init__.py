@@ -84,6 +84,11 @@ class LearnerStrategy:
         gradients accumulate locally, without communication."""
         raise NotImplementedError
 
+    #: with media prompts, reduce gradients after every micro-batch instead of only the last
+    #: (no :meth:`no_sync`): a strategy that reduces per module (fsdp2) would otherwise reduce
+    #: only what the last pass ran, and passes with media leave towers out
+    sync_every_pass_with_media = False
+
     def full_state_dict(self, model: torch.nn.Module, dtype: torch.dtype | None = None,
                         copy: bool = True) -> dict[str, torch.Tensor] | None:
         """The whole policy as a CPU state dict (HF names) on rank 0, cast to ``dtype`` when

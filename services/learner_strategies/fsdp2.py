@@ -67,6 +67,9 @@ def _one_rank_group(device: torch.device) -> None:
 @register_strategy("fsdp2")
 class FSDP2Strategy(LearnerStrategy):
     replicated = False  # each rank holds (and rounds) its own shards
+    # a media tower (its own unit: the thinker's _no_split_modules) that a non-last pass ran
+    # but the last did not: reduce-scatter every pass's gradients into the shards instead
+    sync_every_pass_with_media = True
 
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
                  dtype: str = "float32", activation_checkpointing: bool = False):

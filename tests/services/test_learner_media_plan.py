@@ -1,6 +1,6 @@
 """How the media learner names and orders its passes (pure: no model, no Ray): a prompt's
 modality signature from its tensors, several rows' tensors concatenated in row order, ranks
-agreeing on the passes of each signature, and fsdp2 with media refused with the reason."""
+agreeing on the passes of each signature."""
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ from services.learner_media import (
     align_passes,
     collate_media,
     media_signature,
-    refuse_sharded_media,
     signature_counts,
 )
 
@@ -56,12 +55,3 @@ def test_ranks_run_the_same_signature_in_every_pass():
     with pytest.raises(ValueError, match="1 row\\(s\\) of modality signature 'text' but "
                                          "another rank runs 2"):
         align_passes(rank1[:1], [5, 6, 4, 21], [2, 0, 0, 0, 0, 0, 0, 0], rank=1)
-
-
-def test_fsdp2_with_media_is_refused_naming_why():
-    with pytest.raises(ValueError, match="learner.strategy: fsdp2 does not train prompts with "
-                                         "media yet: .* media tower .* gradients unreduced.*"
-                                         "use learner.strategy: ddp"):
-        refuse_sharded_media("fsdp2", ["image"])
-    refuse_sharded_media("fsdp2", [])  # text-only data
-    refuse_sharded_media("ddp", ["image", "video"])

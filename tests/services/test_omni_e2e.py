@@ -311,7 +311,7 @@ def _mixed_batch(omni_assets, n=2):
     return batch, media, builder
 
 
-def mixed_learner(omni_assets, *, drop_all_three=False, rank=0, world_size=1):
+def mixed_learner(omni_assets, *, drop_all_three=False, rank=0, world_size=1, strategy="ddp"):
     """A learner on the tiny thinker for :func:`_mixed_batch` (all of it in one mini-batch;
     ``drop_all_three``: without the prompt with image, audio and video, so the last pass of an
     update, video, leaves the audio tower out)."""
@@ -330,7 +330,8 @@ def mixed_learner(omni_assets, *, drop_all_three=False, rank=0, world_size=1):
         "data": {"path": str(omni_assets.data_dir), "format": "hba", "video_fps": VIDEO_FPS,
                  "prompts_per_step": prompts},
         "rollout": {"group_size": 2, "temperature": 1.0},
-        "learner": {"mini_batch_prompts": prompts, "lr": 1e-3, "workers": world_size}})
+        "learner": {"mini_batch_prompts": prompts, "lr": 1e-3, "workers": world_size,
+                    "strategy": strategy}})
     core = LearnerCore(model, config, rank=rank, world_size=world_size)
     core.media_inputs = builder
     return core, batch, media
@@ -426,19 +427,21 @@ def test_media_rows_share_passes_by_signature_with_the_one_prompt_per_pass_numbe
     assert metrics["padding_waste"] == pytest.approx(aware.waste)
 
 
-def test_fsdp2_with_media_is_refused_in_preflight_and_the_trainer(omni_assets, tmp_path):
-    """fsdp2 gathers each sharded module per pass and reduces gradients on the last one: a
-    media tower a rank's last pass does not run would keep its gradients unreduced (and it has
-    not run with a multimodal model): refused before Ray starts and before any actor."""
-    from services.controller import Trainer
-    from services.preflight import PreflightError, preflight
+def test_fsdp2_with_media_is_accepted_by_preflight_and_the_trainers_prompts(omni_assets,
+                                                                          tmp_path):
+    """fsdp2 trains prompts with media (it reduce-scatters every pass with media:
+    tests/services/test_learner_core.py::test_two_ranks_match_one_rank_on_the_whole_batch);
+    preflight and the trainer's prompt set-up, which refused it before, now take it."""
+    from transformers import AutoTokenizer
+
+    from services.preflight import preflight
+    from services.prompts import TokenizedPrompts
 
     cfg = tiny_config(omni_assets, tmp_path / "run",
                       data={"format": "hba", "video_fps": VIDEO_FPS},
                       learner={"strategy": "fsdp2"})
-    message = r"learner.strategy: fsdp2 does not train prompts with media yet: .* use " \
-              r"learner.strategy: ddp"
-    with pytest.raises(PreflightError, match=message):
-        preflight(cfg, ports=False, output=False)
-    with pytest.raises(ValueError, match=message):
-        Trainer(cfg)
+    preflight(cfg, ports=False, output=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(omni_assets.model_dir))
+    prompts = TokenizedPrompts.build(cfg, tokenizer, "train", per_task=1,
+                                     model_dir=str(omni_assets.model_dir))
+    assert all(prompts.media_used[kind] > 0 for kind in ("image", "audio", "video"))
