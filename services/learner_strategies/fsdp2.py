@@ -10,7 +10,14 @@ their use); tied ones (Qwen2's small models: ``lm_head`` = ``embed_tokens``) sta
 group, which FSDP2 keeps gathered from the forward pass to the end of the backward pass.
 Gradients are reduce-scattered, i.e. averaged over the ranks, on the last
 micro-batch's backward pass; earlier micro-batches accumulate unsharded gradients locally
-(``set_requires_gradient_sync(False)``). With one rank it runs on a process group of one.
+(``set_requires_gradient_sync(False)``). Batches with media (prompts with images, audio,
+video) reduce-scatter after every micro-batch instead (``sync_every_pass_with_media``): a pass
+runs only the towers its modality signature needs, and a tower's unit (the thinker's
+``_no_split_modules`` are its vision and audio encoders) that an earlier pass ran but the last
+did not would otherwise never be reduced (FSDP2 fails on it). Each unit that ran reduce-scatters
+and adds into its gradient shards; one that did not has no gradient and sends nothing, the same
+on every rank since pass ``k`` runs the same towers on all (:mod:`services.learner_media`).
+With one rank it runs on a process group of one.
 
 Precision (``learner.dtype: bfloat16``): fp32 master parameters and fp32 AdamW state, bf16
 compute. ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` casts each
