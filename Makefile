@@ -40,11 +40,8 @@ tools:
 demo: $(STAMP)
 	$(VENV)/bin/harpo demo
 
-# Two pytest processes, a whole test file each at a time (module fixtures are built once):
-# most of a Ray test is waiting on process starts, so two overlap well even on 2 cores.
-TEST_WORKERS ?= 2
 test: $(STAMP) tools
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/modulation.py
