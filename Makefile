@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# uv resolves and installs the same pins as pip in about a fifth of the time (CI budget);
 	# it does not read pip's config, so the local wheel directory is passed on explicitly
-	$(PIP) install --quiet uv
+	# a current pip too: the packaging test runs pip's resolver (--dry-run with --platform)
+	$(PIP) install --quiet --upgrade pip uv
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(UV) install --python $(PY) $(FIND_LINKS) torch==2.13.0
 	$(UV) install --python $(PY) $(FIND_LINKS) -e '.[dev,cpu]'
