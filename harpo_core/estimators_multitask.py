@@ -19,7 +19,6 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
 from harpo_core.batch import GroupedBatch, check_finite
 from harpo_core.estimators import (
@@ -51,6 +50,8 @@ def _normal_scores(values: np.ndarray, segments: Segments) -> np.ndarray:
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     position = np.arange(values.size) - starts[seg_sorted]
     quantile = (position + 0.5) / counts[seg_sorted]
+    import torch  # here, not at the top: the modulator actor imports the registry, not torch
+
     score = torch.special.ndtri(torch.from_numpy(quantile)).numpy()
     # tie runs: a new run starts where the segment or the value changes
     new_run = np.ones(values.size, dtype=bool)

@@ -62,11 +62,29 @@ def _factors(row: dict) -> dict[str, float]:
     return row.get("task_factor") or row.get("task_weight") or {}
 
 
+# Scores this close are one score: two estimators that reach the same held-out answers can
+# differ in the last bits of a mean (the similarity reward's embeddings vary with the batch),
+# and a rank must not split them.
+TIE_TOLERANCE = 1e-9
+# A share below this fraction of the largest is no signal at all (float dust of a sum of
+# advantages that cancel): the max/min ratio is then reported as unbounded, not as 1e16.
+NO_SIGNAL = 1e-9
+
+
 def _ranks(scores: dict[str, float]) -> dict[str, float]:
-    """Rank 1 = highest score; tied scores share the mean of their ranks."""
+    """Rank 1 = highest score; tied scores (within ``TIE_TOLERANCE``) share the mean of their
+    ranks."""
     ordered = sorted(scores.values(), reverse=True)
-    return {k: float(np.mean([i + 1 for i, s in enumerate(ordered) if s == v]))
+    return {k: float(np.mean([i + 1 for i, s in enumerate(ordered)
+                              if math.isclose(s, v, rel_tol=TIE_TOLERANCE,
+                                              abs_tol=TIE_TOLERANCE)]))
             for k, v in scores.items()}
+
+
+def _share_ratio(shares: list[float]) -> float:
+    """Largest ÷ smallest share; unbounded when a task's share is no signal (``NO_SIGNAL``)."""
+    hi, lo = max(shares, default=0.0), min(shares, default=0.0)
+    return hi / lo if lo > NO_SIGNAL * hi else math.inf
 
 
 def collect(study: Study) -> dict:
@@ -141,14 +159,13 @@ def tables(study: Study, data: dict) -> dict:
                                    "share_mean": mean_share[task],
                                    "share_first_step": float(np.mean(first[task])),
                                    "share_last_step": float(np.mean(last[task]))})
-        lo, hi = min(mean_share.values(), default=0.0), max(mean_share.values(), default=0.0)
         worst = min(tasks, key=lambda t: scores[label][t][0])
         summary.append({"estimator": label, "seeds": len(seeds),
                         "primary_metric": " ".join(primary),
                         "mean_score": float(np.mean([scores[label][t][0] for t in tasks])),
                         "worst_task": worst, "worst_score": scores[label][worst][0],
                         "average_rank": float(np.mean([ranks[label][t] for t in tasks])),
-                        "max_min_share_ratio": hi / lo if lo > 0 else math.inf})
+                        "max_min_share_ratio": _share_ratio(list(mean_share.values()))})
     return {"primary": primary, "tasks": tasks, "labels": labels, "scores": scores,
             "ranks": ranks, "per_task": per_task, "summary": summary, "shares": share_rows,
             "curves": curves}
@@ -250,6 +267,10 @@ def figures(out: Path, t: dict) -> list[str]:
     return written
 
 
+def _ratio(value: float) -> str:
+    return "∞ (a task got no signal)" if math.isinf(value) else f"{value:.2f}"
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
@@ -288,7 +309,7 @@ def markdown(study: Study, t: dict, data: dict, written: list[str]) -> str:
     for label in labels:
         cells = [f"{shares.get((label, task), float('nan')):.3f}" for task in tasks]
         lines.append(f"| {label} | " + " | ".join(cells)
-                     + f" | {summary[label]['max_min_share_ratio']:.2f} |")
+                     + f" | {_ratio(summary[label]['max_min_share_ratio'])} |")
     lines += ["", "## Before and after, every evaluation", "",
               "| estimator | task | evaluation | metric | before | after | change |",
               "|---|---|---|---|---|---|---|"]

@@ -448,7 +448,8 @@ class Trainer:
                                        chunk_prompts=self.chunk_prompts)  # fixed seeds
         summary = self.actors.pool.run(requests, params).summary
         names = self._eval.prompts.task_names
-        result = {metric: per_task_means(summary["task_code"], summary[metric], names)
+        result = {metric: per_task_means(summary["task_code"], summary[metric], names,
+                                         skip_undefined=metric == "accuracy")
                   for metric in ("reward", "accuracy", "reward_format")}
         counts = np.bincount(summary["task_code"], minlength=len(names))
         result["rollouts"] = {n: int(c) for n, c in zip(names, counts) if c}

@@ -95,7 +95,7 @@ def format_report(before: dict, after: dict, factors: dict[str, float],
     for task in sorted(before["greedy"]["reward"]):
         lines.append(f"{task:<13} {task_types.get(task, '?'):<15}"
                      + ("" if modalities is None else f" {modalities.get(task, '?'):<11}")
-                     + cells(lambda d, task=task: d[task])
+                     + cells(lambda d, task=task: d.get(task, float("nan")))
                      + f" {factors.get(task, float('nan')):>7.3f}")
     lines.append("-" * len(sub))
     lines.append(f"{'mean':<13} {'':<15}{lead}" + cells(lambda d: sum(d.values()) / len(d)))

@@ -93,9 +93,14 @@ class StageTimer:
         return time.perf_counter() - self._start
 
 
-def per_task_means(codes: np.ndarray, values: np.ndarray, names: tuple[str, ...]
-                   ) -> dict[str, float]:
-    """Mean of ``values`` for each task present in ``codes`` (NaN counts as 0)."""
+def per_task_means(codes: np.ndarray, values: np.ndarray, names: tuple[str, ...], *,
+                   skip_undefined: bool = False) -> dict[str, float]:
+    """Mean of ``values`` for each task present in ``codes``. NaN counts as 0, or with
+    ``skip_undefined`` is left out of the mean, and a task with no defined value is left out
+    (accuracy: a custom task type's reward function defines none)."""
+    if skip_undefined:
+        defined = ~np.isnan(values)
+        codes, values = codes[defined], values[defined]
     count = np.bincount(codes, minlength=len(names))
     sums = np.bincount(codes, weights=np.nan_to_num(values), minlength=len(names))
     return {n: float(s / c) for n, s, c in zip(names, sums, count) if c}
@@ -137,7 +142,7 @@ def metrics_row(record: StepRecord) -> dict:
         "prompt_digest": prompt_digest(summary["prompt_index"]),
         "reward": per_task(summary["reward"]),
         "reward_mean": float(summary["reward"].mean()),
-        "accuracy": per_task(summary["accuracy"]),
+        "accuracy": per_task_means(codes, summary["accuracy"], names, skip_undefined=True),
         "format": per_task(summary["reward_format"]),
         "reward_errors": {k: int(v) for k, v in zip(
             names, np.bincount(codes, weights=summary["reward_error"], minlength=len(names)))

@@ -187,3 +187,17 @@ def test_harpo_on_refuses_bases_it_cannot_modulate(base, why):
                          "'reinforce_pp_baseline', 'rloo']")
     if why:
         assert why in text
+
+
+def test_the_registry_and_the_modulator_import_without_torch():
+    """The modulator actor holds only numpy statistics: importing harpo_core (the estimator
+    registry, g2rpo included, and the modulator) must not pull in torch, which would add
+    seconds of start-up to every modulator actor."""
+    import subprocess
+    import sys
+
+    code = ("import sys, harpo_core, harpo_core.estimators_multitask, harpo_core.modulator; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

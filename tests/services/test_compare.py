@@ -233,3 +233,16 @@ def test_the_report_tables_by_hand():
     assert a["max_min_share_ratio"] == pytest.approx(4.0)
     assert share[("b", "y")] == pytest.approx(0.25)
     assert b["max_min_share_ratio"] == pytest.approx(0.75 / 0.25)
+
+
+def test_float_noise_neither_splits_a_tie_nor_makes_a_share_ratio():
+    """Two estimators whose held-out means differ in the last bits tie; a task whose share is
+    float dust (advantages that cancel) makes the ratio unbounded, not 1e16."""
+    from services.compare_report import _ranks, _ratio, _share_ratio
+
+    assert _ranks({"a": 0.5, "b": 0.5 + 1e-16, "c": 0.25}) == {"a": 1.5, "b": 1.5, "c": 3.0}
+    assert _ranks({"a": 0.5, "b": 0.5 + 1e-6}) == {"a": 2.0, "b": 1.0}  # a real difference
+    assert _share_ratio([0.75, 0.25]) == pytest.approx(3.0)
+    assert _share_ratio([1.0, 3e-17]) == float("inf")
+    assert _share_ratio([0.0, 0.0]) == float("inf")
+    assert _ratio(float("inf")) == "∞ (a task got no signal)" and _ratio(3.0) == "3.00"

@@ -155,3 +155,19 @@ def test_init_tiny_refuses_a_text_suite_with_omni(tmp_path, capsys):
     assert ("--omni builds the image/audio/video suite; --suite imbalance is a text suite"
             in capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_custom_task_has_no_accuracy_rather_than_accuracy_zero():
+    """The custom types define no accuracy (NaN per rollout): the per-task accuracy leaves them
+    out instead of reporting 0, while reward keeps every task."""
+    from services.step_record import per_task_means
+
+    composer = RewardComposer(RewardConfig(custom=dict(imbalance.CUSTOM_REWARDS)))
+    result = composer.score([boxed("4"), boxed("5"), boxed("4")], ["4", "4", "4"],
+                            ["scaled", "scaled", "classification"], np.array([10, 10, 10]))
+    codes, names = np.array([0, 0, 1]), ("scaled", "sums")
+    assert np.isnan(result.accuracy[:2]).all()
+    accuracy = per_task_means(codes, result.accuracy, names, skip_undefined=True)
+    assert accuracy == {"sums": 1.0}
+    assert per_task_means(codes, result.accuracy, names) == {"scaled": 0.0, "sums": 1.0}
+    assert set(per_task_means(codes, result.total, names)) == {"scaled", "sums"}
