@@ -502,12 +502,24 @@ class TaskStratifiedSampler:
     permutation of its rows seeded by ``(seed, task code, epoch)`` and reshuffles when it runs
     out, so no row repeats within a task's epoch (a task asked for more than its size in one
     batch starts its next epoch inside that batch). Indices come out grouped by task.
+
+    ``mix="proportional"`` gives each task its share of the data instead: a task with 5 % of
+    the rows gets 5 % of the prompts, so a task that is rare in the data is rare in the
+    batches too. The prompts are dealt one at a time by smooth weighted round-robin (every
+    task earns its data share of credit per prompt; the task with the most credit gets the
+    prompt and pays 1), so a task's cumulative count never strays a whole prompt from its
+    share, and it resumes exactly from the saved credits.
     """
 
-    def __init__(self, prompt_set: PromptSet, seed: int):
+    MIXES = ("balanced", "proportional")
+
+    def __init__(self, prompt_set: PromptSet, seed: int, *, mix: str = "balanced"):
         seed = operator.index(seed)
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        if mix not in self.MIXES:
+            raise ValueError(f"mix must be one of {self.MIXES}, got {mix!r}")
+        self._mix = mix
         self._seed = seed
         self._task_names = prompt_set.task_names
         self._rows = [prompt_set.indices_of_task(c) for c in range(len(self._task_names))]
@@ -518,6 +530,9 @@ class TaskStratifiedSampler:
         self._cursors = [0] * len(self._rows)
         self._offset = 0  # position in self._active of the next task to get a leftover prompt
         self._orders = [self._permutation(c) for c in range(len(self._rows))]
+        sizes = np.array([rows.size for rows in self._rows], dtype=np.float64)
+        self._weights = sizes / sizes.sum()  # proportional: each task's share of the data
+        self._credit = np.zeros(len(self._rows))  # proportional: what each task is owed
 
     def _permutation(self, code: int) -> np.ndarray:
         rng = np.random.default_rng([self._seed, code, self._epochs[code]])
@@ -542,20 +557,36 @@ class TaskStratifiedSampler:
         n_prompts = operator.index(n_prompts)
         if n_prompts <= 0:
             raise ValueError(f"n_prompts must be positive, got {n_prompts}")
-        m = len(self._active)
-        share, leftover = divmod(n_prompts, m)
-        extra = {self._active[(self._offset + j) % m] for j in range(leftover)}
-        self._offset = (self._offset + leftover) % m
-        parts = [self._take(c, share + (c in extra)) for c in self._active]
+        if self._mix == "proportional":
+            counts = self._deal(n_prompts)
+        else:
+            m = len(self._active)
+            share, leftover = divmod(n_prompts, m)
+            extra = {self._active[(self._offset + j) % m] for j in range(leftover)}
+            self._offset = (self._offset + leftover) % m
+            counts = {c: share + (c in extra) for c in self._active}
+        parts = [self._take(c, counts[c]) for c in self._active]
         return np.concatenate(parts).astype(np.int64, copy=False)
+
+    def _deal(self, n_prompts: int) -> dict[int, int]:
+        """Proportional mix: how many of ``n_prompts`` each task gets (smooth weighted
+        round-robin over the prompts; ties go to the lower task code)."""
+        counts = dict.fromkeys(self._active, 0)
+        for _ in range(n_prompts):  # per prompt, not per rollout: a few hundred at most
+            self._credit += self._weights
+            code = int(np.argmax(self._credit))
+            self._credit[code] -= 1.0
+            counts[code] += 1
+        return counts
 
     def _fingerprint(self) -> dict:
         return {"task_names": list(self._task_names),
                 "rows_per_task": [int(r.size) for r in self._rows]}
 
     def state_dict(self) -> dict:
-        """Plain JSON-serialisable state: seed, rotation, per-task epoch and cursor, data shape."""
-        return {
+        """Plain JSON-serialisable state: seed, rotation, per-task epoch and cursor, data shape
+        (and, for the proportional mix, the mix and each task's credit)."""
+        state = {
             "version": _STATE_VERSION,
             "seed": self._seed,
             "rotation_offset": self._offset,
@@ -563,9 +594,16 @@ class TaskStratifiedSampler:
             "cursors": list(self._cursors),
             "fingerprint": self._fingerprint(),
         }
+        if self._mix == "proportional":
+            state |= {"mix": self._mix, "credit": self._credit.tolist()}
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         """Resume from :meth:`state_dict` output (its seed replaces this sampler's seed)."""
+        mix = state.get("mix", "balanced")
+        if mix != self._mix:
+            raise ValueError(f"sampler state was saved with the {mix} task mix, this sampler "
+                             f"has the {self._mix} one (data.task_mix)")
         missing = sorted(set(self.state_dict()) - set(state))
         if missing:
             raise ValueError(f"sampler state lacks {missing}")
@@ -593,6 +631,12 @@ class TaskStratifiedSampler:
         seed = int(state["seed"])
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        if self._mix == "proportional":
+            credit = np.asarray(state["credit"], dtype=np.float64)
+            if credit.shape != self._credit.shape or not np.isfinite(credit).all():
+                raise ValueError(f"sampler state needs {self._credit.size} finite credits, "
+                                 f"got {state['credit']!r}")
+            self._credit = credit
         self._seed, self._offset = seed, offset
         self._epochs, self._cursors = epochs, cursors
         self._orders = [self._permutation(c) for c in range(len(self._rows))]

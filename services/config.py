@@ -65,6 +65,10 @@ class DataSection(Section):
     eval_split: str = "test"
     tasks: list[str] | None = None  # None: every task in the data
     prompts_per_step: PositiveInt = 8
+    # How a step's prompts are shared among the tasks: "balanced" (the same number each, the
+    # paper's setup) or "proportional" (each task's share of the training rows, so a task that
+    # is rare in the data stays rare in the batches).
+    task_mix: Literal["balanced", "proportional"] = "balanced"
     max_prompt_tokens: PositiveInt = 256
     eval_prompts_per_task: PositiveInt = 16
     # Held-out evaluation: greedy (0) or sampled at this temperature, eval_samples per prompt

@@ -145,7 +145,8 @@ class Trainer:
         self.task_modality = {} if not self.train.media_used else {
             task: "|".join(sorted(per_task))
             for task, per_task in self.train.prompts.modality_counts().items()}
-        self.sampler = TaskStratifiedSampler(self.train.prompts, seed=config.run.seed)
+        self.sampler = TaskStratifiedSampler(self.train.prompts, seed=config.run.seed,
+                                             mix=config.data.task_mix)
         if checkpoint is not None:
             self.sampler.load_state_dict(json.loads((checkpoint / "sampler.json").read_text()))
         self._cooldown = 0

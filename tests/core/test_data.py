@@ -386,6 +386,49 @@ def test_state_round_trip_through_json_continues_identically():
     assert resumed.state_dict() == reference.state_dict()
 
 
+def test_the_proportional_mix_follows_the_data_and_never_strays_a_prompt():
+    ps = make_set([40, 2, 18])  # shares 2/3, 1/30, 3/10 of the rows
+    sampler = TaskStratifiedSampler(ps, seed=4, mix="proportional")
+    share = np.array([40, 2, 18]) / 60
+    total, batches = np.zeros(3, dtype=int), []
+    for step in range(1, 31):
+        batch = sampler.next_batch(4)
+        batches.append(batch_counts(ps, batch))
+        total += batches[-1]
+        assert np.abs(total - 4 * step * share).max() < 1.0  # within a prompt of its share
+    assert total.tolist() == [80, 4, 36]
+    # the rare task is rare in the batches: in 4 of the 30, once each; balanced: in every one
+    assert sum(c[1] > 0 for c in batches) == 4 and max(c[1] for c in batches) == 1
+    balanced = TaskStratifiedSampler(ps, seed=4)
+    assert all(batch_counts(ps, balanced.next_batch(4))[1] >= 1 for _ in range(30))
+
+
+def test_the_proportional_mix_resumes_from_its_state_and_refuses_the_other_mix():
+    ps = make_set([9, 3, 5])
+    reference = TaskStratifiedSampler(ps, seed=2, mix="proportional")
+    interrupted = TaskStratifiedSampler(ps, seed=2, mix="proportional")
+    for n in (5, 3, 7):
+        reference.next_batch(n)
+        interrupted.next_batch(n)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = TaskStratifiedSampler(ps, seed=0, mix="proportional")
+    resumed.load_state_dict(state)
+    for n in (4, 6, 1, 8):
+        np.testing.assert_array_equal(resumed.next_batch(n), reference.next_batch(n))
+    with pytest.raises(ValueError, match="saved with the proportional task mix, this sampler "
+                                         r"has the balanced one \(data.task_mix\)"):
+        TaskStratifiedSampler(ps, seed=0).load_state_dict(state)
+    balanced_state = TaskStratifiedSampler(ps, seed=0).state_dict()
+    assert "mix" not in balanced_state and "credit" not in balanced_state  # as before
+    with pytest.raises(ValueError, match="saved with the balanced task mix"):
+        TaskStratifiedSampler(ps, seed=0, mix="proportional").load_state_dict(balanced_state)
+    with pytest.raises(ValueError, match="needs 3 finite credits"):
+        TaskStratifiedSampler(ps, seed=0, mix="proportional").load_state_dict(
+            {**state, "credit": [0.0, float("nan"), 0.0]})
+    with pytest.raises(ValueError, match="mix must be one of"):
+        TaskStratifiedSampler(ps, seed=0, mix="uniform")
+
+
 def test_restoring_onto_different_data_is_refused():
     state = TaskStratifiedSampler(make_set([5, 8]), seed=0).state_dict()
     other = TaskStratifiedSampler(make_set([5, 9]), seed=0)

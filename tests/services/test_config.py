@@ -56,6 +56,8 @@ def test_defaults_are_the_papers():
      r"data: eval_samples \(4\) > 1 needs eval_temperature > 0: greedy decoding"),
     (_with("data", eval_temperature=-1.0),
      r"data.eval_temperature: Input should be greater than or equal to 0"),
+    (_with("data", task_mix="uniform"),
+     r"data.task_mix: Input should be 'balanced' or 'proportional' \(got 'uniform'\)"),
 ])
 def test_bad_fields_are_named(data, message):
     with pytest.raises(ConfigError, match=message):
