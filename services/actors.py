@@ -8,8 +8,10 @@ the estimator takes one (HARPO). The driver builds one per (re)start and tears i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import ray
@@ -67,6 +69,26 @@ def backend_options(config: TrainConfig) -> dict:
     return {**options, **placement}
 
 
+def _start_in_background(factory: Callable, *args, **kwargs) -> Future:
+    """``factory(*args, **kwargs)`` on a thread of its own (its Ray calls run concurrently with
+    the caller's); the future holds the result or the exception."""
+    future: Future = Future()
+
+    def start():
+        try:
+            future.set_result(factory(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+            future.set_exception(exc)
+
+    threading.Thread(target=start, name=f"harpo-start-{factory.__name__}", daemon=True).start()
+    return future
+
+
+def _shutdown_when_started(future: Future) -> None:
+    if future.exception() is None:
+        future.result().shutdown()
+
+
 class ActorSet:
     """Rollout pool, learners, weight sync and estimator of one run (Ray must be initialised).
 
@@ -107,6 +129,11 @@ class ActorSet:
 
         self.modulator = None  # the modulator actor, when the estimator takes one
         self.weight_sync = make_weight_sync(r.weight_sync).configure(config)
+        # The learners load the model while the rollout workers and scorers load theirs (for
+        # a 7B model each side takes minutes). Colocated engines share the learners' GPUs:
+        # there the parts start one after the other.
+        learners = None if r.colocate else _start_in_background(
+            LearnerGroup, config, model_dir, version=version, capacity=capacity)
         try:  # a part that cannot start (no node for it in time): the others go too
             self.pool = RolloutPool(
                 make_worker, make_scorer, workers=r.workers, scorers=config.reward.scorers,
@@ -121,8 +148,13 @@ class ActorSet:
             self.estimator = self._make_estimator(run_root, on_restart)
             if estimator_state is not None:
                 self.estimator.load_state_dict(estimator_state)
-            self.learners = LearnerGroup(config, model_dir, version=version, capacity=capacity)
+            self.learners = (learners.result() if learners is not None else
+                             LearnerGroup(config, model_dir, version=version,
+                                          capacity=capacity))
         except BaseException:
+            if learners is not None and self.learners is None:
+                # still starting (or failed, and removed what it made): shut them down once up
+                learners.add_done_callback(_shutdown_when_started)
             self.shutdown()
             raise
 

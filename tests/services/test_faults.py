@@ -25,7 +25,8 @@ VOLATILE = {"timing", "rollouts_per_s", "tokens_per_s", "restarts", "weight_sync
 
 def _config(assets, run_dir):
     return tiny_config(assets, run_dir, run={"steps": STEPS, "checkpoint_every": 1},
-                       rollout={"workers": 2, "group_size": 4, "max_new_tokens": 24})
+                       rollout={"workers": 2, "group_size": 4, "max_new_tokens": 24},
+                       reward={"scorers": 2})
 
 
 def _comparable(rows):

@@ -28,7 +28,7 @@ def _weights(checkpoint) -> dict[str, np.ndarray]:
 
 def test_a_run_writes_its_directory_and_the_modulator_sees_groups_only(
         ray_cluster, tiny_assets, tmp_path):
-    config = tiny_config(tiny_assets, tmp_path / "run")
+    config = tiny_config(tiny_assets, tmp_path / "run", reward={"scorers": 2})
     trainer = Trainer(config)
     try:
         rows = trainer.run()
