@@ -3,6 +3,7 @@ reward scorers, the modulator actor and 1 or 2 learners."""
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -27,10 +28,29 @@ def _weights(checkpoint) -> dict[str, np.ndarray]:
 
 
 def test_a_run_writes_its_directory_and_the_modulator_sees_groups_only(
-        ray_cluster, tiny_assets, tmp_path):
+        ray_cluster, tiny_assets, tmp_path, monkeypatch):
+    from services.learner import LearnerGroup
+    from services.rollout.pool import RolloutPool
+
+    # when the learners' actors are started and when the rollout side is up (driver clock)
+    moments = {}
+    start, pool_init = LearnerGroup._start, RolloutPool.__init__
+
+    def learners_start(self, *args, **kwargs):
+        moments["learners started"] = time.monotonic()
+        return start(self, *args, **kwargs)
+
+    def pool_up(self, *args, **kwargs):
+        pool_init(self, *args, **kwargs)
+        moments["pool up"] = time.monotonic()
+
+    monkeypatch.setattr(LearnerGroup, "_start", learners_start)
+    monkeypatch.setattr(RolloutPool, "__init__", pool_up)
     config = tiny_config(tiny_assets, tmp_path / "run", reward={"scorers": 2})
     trainer = Trainer(config)
     try:
+        # the learners load the model while the rollout workers and scorers load theirs
+        assert moments["learners started"] < moments["pool up"], moments
         rows = trainer.run()
         stats = trainer.modulator_stats()
     finally:
