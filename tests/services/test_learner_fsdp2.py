@@ -202,6 +202,20 @@ def assert_same_weights(expected: dict, got: dict, atol=1e-6):
         assert torch.allclose(value, got[name], atol=atol, rtol=0), name
 
 
+def assert_same_update(expected: dict, got: dict):
+    """The same AdamW step, from gradients all-reduced in another order: they differ in the
+    last bits, and Adam's first step (about lr * g / (|g| + eps)) blows that up only where a
+    gradient component is ~0. So every weight but a sliver agrees to 1e-6, and none is off by
+    1 % of a step (lr 1e-3). (Seen: 1 weight of 2048 in one matrix off by 1.1e-6 on an AMD
+    EPYC host whose kernels sum in another order than the hosts this test was written on.)"""
+    assert expected.keys() == got.keys()
+    total = sum(v.numel() for v in expected.values())
+    off = sum(int(((v - got[k]).abs() > 1e-6).sum()) for k, v in expected.items())
+    assert off / total < 1e-3, (off, total)
+    worst = max(float((v - got[k]).abs().max()) for k, v in expected.items())
+    assert worst < 1e-5, worst
+
+
 @pytest.mark.parametrize("name", [name for name, _ in RUNS])
 def test_two_ranks_make_the_update_of_one_rank(two_ranks, model_dir, untied_dir, name,
                                                one_rank_group):
@@ -211,7 +225,7 @@ def test_two_ranks_make_the_update_of_one_rank(two_ranks, model_dir, untied_dir,
     reference, metrics = single_rank(directory, {**config, "strategy": "ddp"})
     expected = reference.full_state_dict()
     assert "lm_head.weight" in expected  # tied or not, published under both names
-    assert_same_weights(expected, load_file(str(out / f"{name}.safetensors")))
+    assert_same_update(expected, load_file(str(out / f"{name}.safetensors")))
     for key in ("loss", "grad_norm", "clip_frac", "entropy", "n_tokens"):
         assert results[name][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
     if name == "fsdp2":  # and fsdp2 on one rank (a process group of one) too
