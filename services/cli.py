@@ -232,11 +232,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.omni:
         args.workdir = args.workdir or "runs/demo-omni"
         with hold(args.workdir, Path(args.workdir) / "run"):
-            from services.demo_omni import RL_STEPS, SFT_STEPS, run_omni_demo
+            from services.demo_omni import EVAL_PROMPTS, RL_STEPS, SFT_STEPS, run_omni_demo
 
             run_omni_demo(args.workdir, steps=args.steps or RL_STEPS,
                           sft_steps=args.sft_steps or SFT_STEPS, sft_seconds=args.sft_seconds,
-                          address=args.address,
+                          eval_prompts=args.eval_prompts or EVAL_PROMPTS, address=args.address,
                           endpoints={"metrics_host": args.metrics_host,
                                      "metrics_port": args.metrics_port,
                                      "control_host": args.control_host,
@@ -244,12 +244,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     args.workdir = args.workdir or "runs/demo"
     with hold(args.workdir, Path(args.workdir) / "run"):  # refused before the imports below
-        from services.demo import RL_STEPS, SFT_STEPS, run_demo
+        from services.demo import EVAL_PROMPTS, RL_STEPS, SFT_STEPS, run_demo
 
         # the defaults live in services/demo.py, imported only when the command runs
         run_demo(args.workdir, steps=args.steps or RL_STEPS,
                  sft_steps=args.sft_steps or SFT_STEPS, sft_seconds=args.sft_seconds,
-                 address=args.address,
+                 eval_prompts=args.eval_prompts or EVAL_PROMPTS, address=args.address,
                  endpoints={"metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
                             "control_host": args.control_host,
                             "control_port": args.control_port})
@@ -345,6 +345,9 @@ def _add_local_commands(sub) -> None:
     p.add_argument("--sft-seconds", type=float, default=None,
                    help="optional safety cap on the warm start's time (a capped run is not "
                         "reproducible)")
+    p.add_argument("--eval-prompts", type=positive_int, default=None, metavar="N",
+                   help="held-out prompts per task in the before/after table (default 100, "
+                        "services/demo.py EVAL_PROMPTS; 50 with --omni); fewer for a quick look")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     for name, what in (("metrics", "the Prometheus endpoint"), ("control", "the control API")):
         p.add_argument(f"--{name}-port", type=port_number, default=None, metavar="PORT",

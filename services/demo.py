@@ -21,7 +21,9 @@ RL_STEPS = 40
 # Held-out evaluation, before and after RL: greedy on every test prompt, and the policy's own
 # sampled reward (temperature as in training, EVAL_SAMPLES per prompt) - the quantity RL
 # maximises, which moves first: RL makes the right answer likelier before it becomes the mode.
-EVAL_SAMPLES, EVAL_SAMPLED_PROMPTS = 4, 100
+# the before/after table: each held-out prompt (EVAL_PROMPTS per task) answered greedily once
+# and sampled EVAL_SAMPLES times
+EVAL_SAMPLES, EVAL_PROMPTS = 4, 100
 # The supervised warm start is bounded by steps, not time, so every demo starts RL from the
 # same model (sft() is bitwise reproducible for fixed settings and thread count). lr 1e-2 for
 # 300 steps solves the easy tasks and leaves the hard ones partly learned - greedy accuracy
@@ -33,7 +35,7 @@ SFT_SETTINGS = {"lr": 1e-2, "warmup_steps": 20, "batch_size": 32, "seed": 0, "nu
 
 
 def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int,
-                endpoints: dict | None = None) -> TrainConfig:
+                endpoints: dict | None = None, eval_prompts: int = EVAL_PROMPTS) -> TrainConfig:
     """``endpoints``: ``metrics_host``/``metrics_port``/``control_host``/``control_port``
     (None or absent: the defaults, loopback and any free port)."""
     given = {k: v for k, v in (endpoints or {}).items() if v is not None}
@@ -47,7 +49,7 @@ def demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int,
         # 4 prompts per task and step: with 2 (14 per step) a task's signal is too thin for
         # RL to move it in 40 steps. All 100 test prompts of a task: standard error <= 0.05.
         "data": {"path": str(data_dir), "prompts_per_step": 28, "max_prompt_tokens": 256,
-                 "eval_prompts_per_task": 100},
+                 "eval_prompts_per_task": eval_prompts},
         # the longest target response is 26 tokens (QA answers), so 32 leaves room for eos
         "rollout": {"workers": 2, "group_size": 6, "max_new_tokens": 32, "temperature": 1.0,
                     "torch_threads": 1},
@@ -115,10 +117,12 @@ def _move_earlier_run_aside(run_dir: Path) -> None:
 
 def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
              sft_steps: int = SFT_STEPS, sft_seconds: float | None = None,
-             address: str | None = None, endpoints: dict | None = None) -> dict:
+             address: str | None = None, endpoints: dict | None = None,
+             eval_prompts: int = EVAL_PROMPTS) -> dict:
     """Assets, warm start (``sft_steps`` steps; ``sft_seconds`` is an optional safety cap
-    that makes the run irreproducible when it bites), ``steps`` HARPO steps, report.
-    ``endpoints``: hosts and ports of metrics and control (``demo_config``)."""
+    that makes the run irreproducible when it bites), ``steps`` HARPO steps, report on
+    ``eval_prompts`` held-out prompts per task. ``endpoints``: hosts and ports of metrics and
+    control (``demo_config``)."""
     from services.cluster import connect
     from services.tiny.model import init_tiny
     from services.tiny.sft import sft
@@ -137,7 +141,8 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
         if metrics["stopped_early"]:
             print(f"warning: the warm start hit --sft-seconds after {metrics['steps']} of "
                   f"{sft_steps} steps; this run is not reproducible", flush=True)
-    config = demo_config(sft_dir, assets.data_dir, workdir / "run", steps, endpoints)
+    config = demo_config(sft_dir, assets.data_dir, workdir / "run", steps, endpoints,
+                         eval_prompts)
     (workdir / "demo.yaml").write_text(config.to_yaml())
     print(f"[3/4] HARPO RL for {steps} steps on Ray (config: {workdir / 'demo.yaml'})",
           flush=True)
@@ -153,7 +158,7 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
 
     def evaluate() -> dict:
         return {"greedy": trainer.evaluate(),
-                "sampled": trainer.evaluate(per_task=EVAL_SAMPLED_PROMPTS, samples=EVAL_SAMPLES,
+                "sampled": trainer.evaluate(per_task=eval_prompts, samples=EVAL_SAMPLES,
                                             temperature=config.rollout.temperature)}
 
     try:
@@ -165,7 +170,7 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int = RL_STEPS,
         trainer.shutdown()
     task_types = dict(zip(trainer.train_set.task_names, trainer.train_set.task_types))
     print(f"[4/4] held-out results per task: sampled = mean reward of {EVAL_SAMPLES} responses "
-          f"at temperature {config.rollout.temperature:g} to each of {EVAL_SAMPLED_PROMPTS} test "
+          f"at temperature {config.rollout.temperature:g} to each of {eval_prompts} test "
           f"prompts (what RL maximises); greedy = one greedy response to each of "
           f"{config.data.eval_prompts_per_task}\n", flush=True)
     print(format_report(before, after, factors, task_types))

@@ -19,8 +19,9 @@ VIDEO_FPS = 4.0  # the omni suite's clips: 8 frames at 4 fps
 # 30 steps: the whole demo took 9 1/2 minutes on 2 loaded cores (benchmarks/RESULTS.md
 # "## harpo demo --omni"), a third of it the two held-out evaluations.
 RL_STEPS = 30
-# held-out: greedy on every test prompt (50 per task), and EVAL_SAMPLES sampled responses each
-EVAL_SAMPLES = 2
+# held-out: greedy on EVAL_PROMPTS test prompts per task (all 50), and EVAL_SAMPLES sampled
+# responses to each
+EVAL_SAMPLES, EVAL_PROMPTS = 2, 50
 # The warm start is bounded by steps (reproducible per seed and thread count). 80 steps leave
 # greedy accuracy image_colour 0.48, image_shape 0.56, parity 0.54, sentiment 0.48 (room for RL)
 # with audio_pitch solved and video_motion at chance; 150 steps solve the text tasks and take
@@ -31,7 +32,8 @@ SFT_SETTINGS = {"lr": 1e-2, "warmup_steps": 10, "batch_size": 28, "seed": 0, "nu
 
 
 def omni_demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int,
-                     endpoints: dict | None = None) -> TrainConfig:
+                     endpoints: dict | None = None,
+                     eval_prompts: int = EVAL_PROMPTS) -> TrainConfig:
     given = {k: v for k, v in (endpoints or {}).items() if v is not None}
     observability = {k: given[k] for k in ("metrics_host", "metrics_port") if k in given}
     control = {k.removeprefix("control_"): given[k] for k in ("control_host", "control_port")
@@ -40,9 +42,10 @@ def omni_demo_config(model_dir: Path, data_dir: Path, run_dir: Path, steps: int,
         "run": {"name": "demo-omni", "output_dir": str(run_dir), "steps": steps,
                 "checkpoint_every": 0, "seed": 0},
         "model": {"path": str(model_dir)},
-        # 2 prompts per task and step (7 tasks); every test prompt (50 per task) held out
+        # 2 prompts per task and step (7 tasks); by default every test prompt (50 per task)
         "data": {"path": str(data_dir), "format": "hba", "video_fps": VIDEO_FPS,
-                 "prompts_per_step": 14, "max_prompt_tokens": 256, "eval_prompts_per_task": 50},
+                 "prompts_per_step": 14, "max_prompt_tokens": 256,
+                 "eval_prompts_per_task": eval_prompts},
         "rollout": {"workers": 2, "group_size": 4, "max_new_tokens": 32, "temperature": 1.0,
                     "torch_threads": 1},
         "reward": {"scorers": 1, "torch_threads": 1},
@@ -72,8 +75,10 @@ def saved_omni_sft_matches(sft_dir: Path, steps: int) -> bool:
 
 def run_omni_demo(workdir: str | Path = "runs/demo-omni", steps: int = RL_STEPS,
                   sft_steps: int = SFT_STEPS, sft_seconds: float | None = None,
-                  address: str | None = None, endpoints: dict | None = None) -> dict:
-    """Assets, media warm start, ``steps`` HARPO steps on Ray, the per-task report."""
+                  address: str | None = None, endpoints: dict | None = None,
+                  eval_prompts: int = EVAL_PROMPTS) -> dict:
+    """Assets, media warm start, ``steps`` HARPO steps on Ray, the per-task report on
+    ``eval_prompts`` held-out prompts per task."""
     from services.cluster import connect
     from services.tiny.omni_model import init_tiny_omni
     from services.tiny.omni_sft import omni_sft
@@ -93,7 +98,8 @@ def run_omni_demo(workdir: str | Path = "runs/demo-omni", steps: int = RL_STEPS,
         if metrics["stopped_early"]:
             print(f"warning: the warm start hit --sft-seconds after {metrics['steps']} of "
                   f"{sft_steps} steps; this run is not reproducible", flush=True)
-    config = omni_demo_config(sft_dir, assets.data_dir, workdir / "run", steps, endpoints)
+    config = omni_demo_config(sft_dir, assets.data_dir, workdir / "run", steps, endpoints,
+                              eval_prompts)
     (workdir / "demo.yaml").write_text(config.to_yaml())
     print(f"[3/4] HARPO RL for {steps} steps on Ray (config: {workdir / 'demo.yaml'})",
           flush=True)

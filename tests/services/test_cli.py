@@ -29,6 +29,9 @@ def test_bad_arguments_name_the_problem():
     result = harpo("simulate", "--steps", "0")
     assert result.returncode == 2
     assert "argument --steps: expected a positive integer, got 0" in result.stderr
+    result = harpo("demo", "--eval-prompts", "0")
+    assert result.returncode == 2
+    assert "argument --eval-prompts: expected a positive integer, got 0" in result.stderr
     result = harpo("simulate", "--zero-signal", "drop")
     assert "invalid choice: 'drop'" in result.stderr
     assert harpo().returncode == 2

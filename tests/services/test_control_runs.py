@@ -414,3 +414,6 @@ def test_demo_takes_ports(tmp_path):
     assert defaults.observability.metrics_port == 0 == defaults.control.port
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--control-port", "70000"])
+    assert defaults.data.eval_prompts_per_task == 100
+    assert demo_config(tmp_path / "m", tmp_path / "d", tmp_path / "r", 2,
+                       eval_prompts=10).data.eval_prompts_per_task == 10

@@ -125,3 +125,8 @@ def test_demo_omni_flag_routes_to_the_omni_demo_with_its_own_workdir(monkeypatch
     assert main(["demo", "--omni", "--steps", "3"]) == 0
     assert calls[0][0] == "runs/demo-omni"
     assert calls[0][1]["steps"] == 3 and calls[0][1]["sft_steps"] == demo_omni.SFT_STEPS
+    assert calls[0][1]["eval_prompts"] == demo_omni.EVAL_PROMPTS == 50
+    assert main(["demo", "--omni", "--eval-prompts", "7"]) == 0
+    assert calls[1][1]["eval_prompts"] == 7
+    assert demo_omni.omni_demo_config(tmp_path / "m", tmp_path / "d", tmp_path / "r", 2,
+                                      eval_prompts=7).data.eval_prompts_per_task == 7
