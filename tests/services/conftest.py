@@ -50,9 +50,9 @@ def tiny_config(assets, run_dir, **sections):
         "model": {"path": str(assets.model_dir)},
         "data": {"path": str(assets.data_dir), "prompts_per_step": 4, "max_prompt_tokens": 256,
                  "eval_prompts_per_task": 2},
-        "rollout": {"workers": 2, "group_size": 4, "max_new_tokens": 12},
-        # one scorer: a second costs every test a process start (~5 s of CPU); the tests of
-        # the reward side's spread and faults ask for two
+        # one rollout worker and one scorer: each more costs every Trainer a process start
+        # (~9 s of CPU); the tests of a pool's spread, scaling and faults ask for two
+        "rollout": {"workers": 1, "group_size": 4, "max_new_tokens": 12},
         "reward": {"scorers": 1},
         "learner": {"workers": 1, "mini_batch_prompts": 2, "lr": 1e-3},
         # endpoints off unless a test asks for them (0 would pick free ports)

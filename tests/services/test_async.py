@@ -31,7 +31,7 @@ def sync_and_async(ray_cluster, tiny_assets, tmp_path_factory):
     rows = {}
     for staleness in (0, 1):
         config = tiny_config(tiny_assets, root / f"s{staleness}", run={"steps": 4},
-                             rollout={"max_staleness": staleness})
+                             rollout={"max_staleness": staleness, "workers": 2})
         rows[staleness] = _run(config)
     return rows
 
@@ -63,7 +63,7 @@ def test_an_async_run_scaled_evaluated_stopped_and_resumed_loses_no_prompt(
         sync_and_async, tiny_assets, tmp_path):
     whole = sync_and_async[1]
     config = tiny_config(tiny_assets, tmp_path / "cut", run={"steps": 4},
-                         rollout={"max_staleness": 1})
+                         rollout={"max_staleness": 1, "workers": 2})
     trainer = Trainer(config)
     try:
         trainer.run(steps=2)  # step 2's rollouts are being generated when this returns

@@ -40,7 +40,7 @@ def running_job(tiny_assets, ray_cluster, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     config = tiny_config(
         tiny_assets, run_dir / "run",
-        run={"steps": 40, "checkpoint_every": 0},
+        run={"steps": 40, "checkpoint_every": 0}, rollout={"workers": 2},
         control={"port": 0, "host": "0.0.0.0", "token_file": str(token_file)},
     )
     trainer = Trainer(config)

@@ -56,35 +56,44 @@ def _train_until_first_row(config, run_dir):
 
 
 def test_ctrl_c_checkpoints_and_resume_matches(tiny_assets, tmp_path):
-    config, run_dir = _config(tiny_assets, tmp_path, "interrupted")
-    proc = _train_until_first_row(config, run_dir)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    assert "harpo: SIGINT received: finishing the step in flight, then writing a checkpoint" in err
-    stop_line = [line for line in out.splitlines() if line.startswith("stopped at step")]
-    assert stop_line, out
-    done = int(stop_line[0].split()[3])
-    assert 1 <= done < STEPS
-    checkpoint = run_dir / "checkpoints" / f"step-{done:06d}"
-    assert stop_line[0] == (f"stopped at step {done} of {STEPS} by SIGINT; checkpoint "
-                            f"{checkpoint}; resume with: harpo train --resume {run_dir}")
-    assert checkpoint.is_dir()
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    assert "finished step" not in out
-
-    resumed = _harpo("train", "--resume", str(run_dir))
+    # the uninterrupted run to compare with trains meanwhile (a run keeps about one of the two
+    # cores busy); its output goes to files, which never fill up as a pipe can
     whole_config, whole_dir = _config(tiny_assets, tmp_path, "whole")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert f"finished step {STEPS}/{STEPS}" in out
-    whole = _harpo("train", str(whole_config))
-    out, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err
-    interrupted, uninterrupted = _rows(run_dir), _rows(whole_dir)
-    assert [r["step"] for r in interrupted] == list(range(STEPS))
-    assert interrupted == uninterrupted
+    with open(tmp_path / "whole.out", "w") as out, open(tmp_path / "whole.err", "w") as err:
+        whole = subprocess.Popen([sys.executable, "-m", "services.cli", "train",
+                                  str(whole_config)], stdout=out, stderr=err, text=True,
+                                 start_new_session=True)
+    try:
+        config, run_dir = _config(tiny_assets, tmp_path, "interrupted")
+        proc = _train_until_first_row(config, run_dir)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        assert ("harpo: SIGINT received: finishing the step in flight, then writing a "
+                "checkpoint") in err
+        stop_line = [line for line in out.splitlines() if line.startswith("stopped at step")]
+        assert stop_line, out
+        done = int(stop_line[0].split()[3])
+        assert 1 <= done < STEPS
+        checkpoint = run_dir / "checkpoints" / f"step-{done:06d}"
+        assert stop_line[0] == (f"stopped at step {done} of {STEPS} by SIGINT; checkpoint "
+                                f"{checkpoint}; resume with: harpo train --resume {run_dir}")
+        assert checkpoint.is_dir()
+        assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+        assert "finished step" not in out
+
+        resumed = _harpo("train", "--resume", str(run_dir))
+        out, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err
+        assert f"finished step {STEPS}/{STEPS}" in out
+        assert whole.wait(timeout=300) == 0, (tmp_path / "whole.err").read_text()[-3000:]
+        interrupted, uninterrupted = _rows(run_dir), _rows(whole_dir)
+        assert [r["step"] for r in interrupted] == list(range(STEPS))
+        assert interrupted == uninterrupted
+    finally:  # a failed assertion leaves no run training behind
+        if whole.poll() is None:
+            os.killpg(whole.pid, signal.SIGKILL)
 
 
 def test_sigterm_to_the_group_checkpoints_without_hanging(tiny_assets, tmp_path):

@@ -46,7 +46,8 @@ def test_a_run_writes_its_directory_and_the_modulator_sees_groups_only(
 
     monkeypatch.setattr(LearnerGroup, "_start", learners_start)
     monkeypatch.setattr(RolloutPool, "__init__", pool_up)
-    config = tiny_config(tiny_assets, tmp_path / "run", reward={"scorers": 2})
+    config = tiny_config(tiny_assets, tmp_path / "run", rollout={"workers": 2},
+                         reward={"scorers": 2})
     trainer = Trainer(config)
     try:
         # the learners load the model while the rollout workers and scorers load theirs

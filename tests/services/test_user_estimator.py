@@ -25,9 +25,11 @@ def runs(ray_cluster, tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("user-estimator")
     out = {}
     for name, algorithm in ESTIMATORS.items():
-        # one mini-batch per step: the update's loss is taken at ratio 1, linear in A
+        # one mini-batch per step: the update's loss is taken at ratio 1, linear in A. Two
+        # rollout workers: with one, both policies sample the same step-1 rollouts (AdamW's
+        # update hardly changes when every gradient doubles), whose loss is float dust.
         config = tiny_config(tiny_assets, root / name, algorithm=algorithm,
-                             learner={"mini_batch_prompts": 4})
+                             rollout={"workers": 2}, learner={"mini_batch_prompts": 4})
         trainer = Trainer(config)
         try:
             out[name] = trainer.run()
@@ -49,6 +51,7 @@ def test_a_user_estimator_drives_the_update(runs):
         assert user[0]["advantage_abs_mean"][task] == pytest.approx(2 * value, rel=1e-12)
     assert builtin[0]["loss"] != 0.0
     assert user[0]["loss"] == pytest.approx(2 * builtin[0]["loss"], rel=1e-5)
+    assert user[0]["grad_norm"] == pytest.approx(2 * builtin[0]["grad_norm"], rel=1e-4)
     # the two policies took different updates
     assert user[1]["loss"] != pytest.approx(2 * builtin[1]["loss"], rel=1e-5)
 
