@@ -47,7 +47,7 @@ demo: $(STAMP) bytecode
 
 # harpo itself is installed editable, so its bytecode is written here (quietly: a stale or
 # missing file only costs time)
-bytecode:
+bytecode: $(STAMP)
 	-$(PY) -m compileall -q -j 0 harpo_core services tests > /dev/null
 
 test: $(STAMP) tools bytecode
