@@ -18,11 +18,10 @@ from services.config import TrainConfig, parse_config
 # half-learned tasks (two seeds); 60 add little on them and cost the greedy answers of emotion.
 # The whole demo takes about 3 1/2 minutes on 2 cores (benchmarks/RESULTS.md "## harpo demo").
 RL_STEPS = 40
-# Held-out evaluation, before and after RL: greedy on every test prompt, and the policy's own
-# sampled reward (temperature as in training, EVAL_SAMPLES per prompt) - the quantity RL
-# maximises, which moves first: RL makes the right answer likelier before it becomes the mode.
-# the before/after table: each held-out prompt (EVAL_PROMPTS per task) answered greedily once
-# and sampled EVAL_SAMPLES times
+# Held-out evaluation, before and after RL, on EVAL_PROMPTS test prompts per task (all of them
+# by default; `harpo demo --eval-prompts`): greedy, and the policy's own sampled reward
+# (temperature as in training, EVAL_SAMPLES per prompt) - the quantity RL maximises, which
+# moves first: RL makes the right answer likelier before it becomes the mode.
 EVAL_SAMPLES, EVAL_PROMPTS = 4, 100
 # The supervised warm start is bounded by steps, not time, so every demo starts RL from the
 # same model (sft() is bitwise reproducible for fixed settings and thread count). lr 1e-2 for
